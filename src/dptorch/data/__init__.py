@@ -1,0 +1,9 @@
+"""Poisson-sampled data loading: the sampling that DP-SGD's privacy accounting assumes."""
+
+from __future__ import annotations
+
+from dptorch.data.dp_data_loader import DPDataLoader
+from dptorch.data.poisson_sampler import PoissonBatchSampler
+from dptorch.data.sample_rate import infer_sample_rate
+
+__all__ = ["DPDataLoader", "PoissonBatchSampler", "infer_sample_rate"]

@@ -1,0 +1,197 @@
+"""``DPOptimizer``: any ``torch.optim.Optimizer``, made to take DP-SGD steps.
+
+``step()`` reads like the algorithm: clip every example's gradient, sum, add Gaussian noise
+once, divide by the EXPECTED batch size, run the wrapped optimizer's update, tell the
+listeners (the accountant) what ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from dptorch.clipping import FlatClipping
+from dptorch.errors import DPTypeError, DPValueError
+from dptorch.noise import gaussian_noise, noise_dtype
+from dptorch.per_sample.engine import ClippedBatch, LossReduction, PerSampleEngine
+from dptorch.validation import check_noise_multiplier, check_positive_number
+
+StepHook = Callable[["DPOptimizer"], None]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What the last step saw. NOT private: computed from raw data, for diagnostics only."""
+
+    batch_size: int
+    clipped_fraction: float
+    nonfinite: int
+    mean_norm: float
+
+
+class DPOptimizer(Optimizer):
+    """Wraps ``optimizer`` so that each ``step()`` is one DP-SGD step.
+
+    The wrapper keeps the wrapped optimizer's interface: ``param_groups``, ``state``,
+    ``defaults``, ``state_dict()``, ``load_state_dict()``, ``zero_grad()``, ``step(closure)``,
+    and passes ``isinstance(opt, torch.optim.Optimizer)`` so learning-rate schedulers work.
+
+    Args:
+        optimizer: the optimizer to wrap (SGD, Adam, AdamW, ...).
+        engine: where the clipped per-sample sums come from.
+        noise_multiplier: sigma; the noise std on the sum is ``sigma * max_grad_norm``.
+        max_grad_norm: C, the per-example clipping norm.
+        expected_batch_size: ``q * N``, the divisor for ``loss_reduction="mean"``.
+        loss_reduction: ``"mean"`` divides the noisy sum by ``expected_batch_size``;
+            ``"sum"`` releases the noisy sum.
+        generator: the noise source (global torch RNG when ``None``).
+
+    Privacy: each step releases ``(sum_i clip_C(g_i) + N(0, (sigma C)^2 I)) / divisor`` for
+    the examples of one batch, then calls every step hook once, so an accountant hooked here
+    records exactly one ``(sigma, q)`` event per released gradient.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        engine: PerSampleEngine,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        loss_reduction: LossReduction = "mean",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise DPTypeError(
+                f"optimizer={type(optimizer).__name__} is not a torch.optim.Optimizer; build one "
+                "over the model's parameters, e.g. torch.optim.SGD(model.parameters(), lr=0.1)."
+            )
+        if isinstance(optimizer, DPOptimizer):
+            raise DPTypeError(
+                "optimizer is already a DPOptimizer: make_private was called twice on it. "
+                "Pass the original torch optimizer."
+            )
+        self.original_optimizer = optimizer
+        self.engine = engine
+        self.noise_multiplier = check_noise_multiplier(noise_multiplier)
+        self.clipping = FlatClipping(max_grad_norm)
+        self.expected_batch_size = check_positive_number("expected_batch_size", expected_batch_size)
+        if loss_reduction not in ("mean", "sum"):
+            raise DPValueError(
+                f"loss_reduction={loss_reduction!r} must be 'mean' or 'sum' (how the loss "
+                "combines the examples of a batch)."
+            )
+        self.loss_reduction = loss_reduction
+        self.generator = generator
+        self.last_step_stats: StepStats | None = None
+        self._step_hooks: list[StepHook] = []
+        # torch.optim internals some schedulers and profilers read.
+        self._optimizer_step_pre_hooks: dict[int, Any] = {}
+        self._optimizer_step_post_hooks: dict[int, Any] = {}
+
+    # -- the wrapped optimizer's interface -------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.original_optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.original_optimizer.defaults = value
+
+    @property
+    def max_grad_norm(self) -> float:
+        return self.clipping.max_grad_norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise DPValueError(
+            "add_param_group on a DPOptimizer would train parameters whose per-sample gradients "
+            "are not computed. Build the optimizer with all parameter groups before make_private."
+        )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        self.engine.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm="
+            f"{self.max_grad_norm}, expected_batch_size={self.expected_batch_size}, "
+            f"optimizer={self.original_optimizer!r})"
+        )
+
+    # -- DP-SGD ----------------------------------------------------------------------------
+    def attach_step_hook(self, hook: StepHook) -> None:
+        """Call ``hook(self)`` after every step (the engine attaches the accountant here)."""
+        self._step_hooks.append(hook)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        clipped = self.engine.clipped_sum(self.clipping)
+        self._release_noisy_gradients(clipped)
+        self.original_optimizer.step()
+        self.engine.clear()
+        self.last_step_stats = _stats(clipped)
+        for hook in self._step_hooks:
+            hook(self)
+        return loss
+
+    def _release_noisy_gradients(self, clipped: ClippedBatch) -> None:
+        """Set every trainable ``p.grad`` to its noisy, normalised clipped sum."""
+        std = self.noise_multiplier * self.clipping.sensitivity
+        divisor = self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+        for param in self.trainable_parameters():
+            total = clipped.sums.get(param)
+            dtype = noise_dtype(param.dtype)
+            noisy = gaussian_noise(
+                param.shape, std=std, dtype=dtype, device=param.device, generator=self.generator
+            )
+            if total is not None:
+                noisy = noisy + total.to(dtype)
+            param.grad = (noisy / divisor).to(param.dtype)
+
+
+def _stats(clipped: ClippedBatch) -> StepStats:
+    batch = clipped.batch_size
+    if batch == 0:
+        return StepStats(0, 0.0, 0, 0.0)
+    finite = torch.isfinite(clipped.norms)
+    return StepStats(
+        batch_size=batch,
+        clipped_fraction=float((clipped.factors < 1).float().mean()),
+        nonfinite=clipped.nonfinite,
+        mean_norm=float(clipped.norms[finite].mean()) if finite.any() else float("nan"),
+    )

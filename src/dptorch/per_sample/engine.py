@@ -1,0 +1,237 @@
+"""The per-sample engine: from one backward pass to the clipped sum ``sum_i c_i g_i``.
+
+For every trainable parameter it gathers the terms of all layer calls that touched it,
+takes per-example squared norms (ghost or instantiated, whichever is cheaper per layer, or as
+forced), adds them over parameters into the per-example norm ``n_i``, asks the clipping policy
+for factors ``c_i``, and forms each parameter's weighted sum in one contraction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from dptorch.errors import DPValueError, TrainingLoopError
+from dptorch.per_sample.capture import ActivationCapture, CallRecord
+from dptorch.per_sample.rules import (
+    SUBTREE_OWNERS,
+    RuleContext,
+    has_dedicated_rule,
+    owned_parameters,
+    rule_for,
+)
+from dptorch.per_sample.terms import GradTerm, NormRoute, combined_norm_sq
+
+LossReduction = Literal["mean", "sum"]
+
+
+class ClippingPolicy(Protocol):
+    def factors(self, norms: Tensor) -> Tensor: ...
+
+
+@dataclass
+class ClippedBatch:
+    """The result of one physical batch.
+
+    Attributes:
+        sums: per trainable parameter, ``sum_i c_i g_i`` (parameters no example touched are
+            absent).
+        batch_size: the realised number of examples.
+        norms: per-example gradient norms before clipping. NOT private: diagnostics only.
+        factors: per-example clipping factors. NOT private.
+        nonfinite: how many examples had a NaN/inf gradient norm (their factor is 0).
+    """
+
+    sums: dict[Tensor, Tensor]
+    batch_size: int
+    norms: Tensor
+    factors: Tensor
+    nonfinite: int
+
+
+def modules_to_capture(root: nn.Module, trainable: frozenset[nn.Parameter]) -> dict[str, nn.Module]:
+    """Every submodule that owns a trainable parameter, by dotted path.
+
+    Modules inside a subtree owner (see ``SUBTREE_OWNERS``) are left to their owner.
+    """
+    chosen: dict[str, nn.Module] = {}
+    owners: list[str] = []
+    for path, module in root.named_modules():
+        if any(path.startswith(owner + ".") for owner in owners):
+            continue
+        if any(p in trainable for _, p in owned_parameters(module)):
+            chosen[path or "<root>"] = module
+            if isinstance(module, SUBTREE_OWNERS) and not has_dedicated_rule(module):
+                owners.append(path)
+    return chosen
+
+
+class PerSampleEngine:
+    """Captures a module's layer calls and turns them into clipped per-sample sums.
+
+    Args:
+        module: the user's model; hooks are added by :meth:`attach`, removed by
+            :meth:`detach`, and nothing else about the module changes.
+        trainable: the parameters to compute private gradients for.
+        batch_first: layout of sequence inputs (see :class:`RuleContext`).
+        loss_reduction: ``"mean"`` if the loss averages over the batch (per-example
+            gradients are then the output gradients times the realised batch size), ``"sum"``
+            if it sums.
+        norm_route: ``"auto"`` picks ghost or instantiated norms per layer by cost; the
+            others force one route (for tests and benchmarks).
+        verify: check once, on the first non-empty batch, that the captured per-sample
+            gradients add up to autograd's gradient for every parameter.
+
+    Privacy: the norms and sums are exact functions of each example's own gradient, so the
+    clipped sum has the sensitivity the clipping policy states, whatever the route.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        trainable: Iterable[nn.Parameter],
+        *,
+        batch_first: bool = True,
+        loss_reduction: LossReduction = "mean",
+        norm_route: NormRoute = "auto",
+        verify: bool = True,
+    ) -> None:
+        self.module = module
+        self.trainable = frozenset(trainable)
+        self._ordered = [p for p in module.parameters() if p in self.trainable]
+        self.batch_first = batch_first
+        self.loss_reduction = loss_reduction
+        self.norm_route = norm_route
+        self._verify_pending = verify
+        self.capture = ActivationCapture(modules_to_capture(module, self.trainable))
+        self._context = RuleContext(batch_first, self.trainable, self.capture)
+
+    def attach(self) -> None:
+        self.capture.attach()
+
+    def detach(self) -> None:
+        self.capture.detach()
+
+    def clear(self) -> None:
+        self.capture.clear()
+
+    def has_pending_backward(self) -> bool:
+        return any(record.has_grad for record in self.capture.records)
+
+    # -- the computation -------------------------------------------------------------------
+    def clipped_sum(self, policy: ClippingPolicy) -> ClippedBatch:
+        """Clip and sum the per-sample gradients of the backward pass since :meth:`clear`."""
+        records = [r for r in self.capture.records if r.has_grad]
+        if not records:
+            raise TrainingLoopError(
+                "optimizer.step() was called, but no backward pass reached the model since the "
+                "last step. Run loss.backward() before each optimizer.step(), also for empty "
+                "Poisson batches (their loss may be NaN; dptorch ignores it and adds noise only)."
+            )
+        passes = self.capture.backward_passes()
+        if len(passes) > 1:
+            raise TrainingLoopError(
+                f"{len(passes)} backward passes ran since the last optimizer.step(). Accumulating "
+                "gradients over several backward passes would put several batches under one "
+                "noise draw and one accounting step. Call optimizer.step() after each backward, "
+                "or use BatchMemoryManager to split a logical batch."
+            )
+        by_param = self._terms_by_parameter(records)
+        batch = _common_batch_size(by_param, records)
+        scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        device = self._ordered[0].device if self._ordered else torch.device("cpu")
+        norm_sq = torch.zeros(
+            batch, dtype=torch.float64 if self._any_double() else torch.float32, device=device
+        )
+        for terms in by_param.values():
+            norm_sq = norm_sq + combined_norm_sq(terms, self.norm_route).to(norm_sq.dtype)
+        norms = norm_sq.sqrt() * scale
+        factors = policy.factors(norms)
+        nonfinite = int((~torch.isfinite(norms)).sum())
+        weights = factors * scale
+        sums = {
+            param: _sum_terms(terms, weights, sanitize=nonfinite > 0)
+            for param, terms in by_param.items()
+        }
+        if self._verify_pending and batch > 0:
+            self._verify_against_autograd(by_param, records)
+            self._verify_pending = False
+        return ClippedBatch(sums, batch, norms, factors, nonfinite)
+
+    def _any_double(self) -> bool:
+        return any(p.dtype == torch.float64 for p in self._ordered)
+
+    def _terms_by_parameter(self, records: list[CallRecord]) -> dict[Tensor, list[GradTerm]]:
+        by_param: dict[Tensor, list[GradTerm]] = {}
+        for record in records:
+            for term in rule_for(record.module)(record.module, record, self._context):
+                by_param.setdefault(term.param, []).append(term)
+        return by_param
+
+    def _verify_against_autograd(
+        self, by_param: dict[Tensor, list[GradTerm]], records: list[CallRecord]
+    ) -> None:
+        """Refuse gradients that reach a parameter outside the captured layer calls.
+
+        A parameter used directly as a tensor (``x @ layer.weight.T``) or by a module that
+        reads another module's weights gets gradient that no hook sees; its per-sample
+        gradient would be incomplete and the clipping bound would not hold.
+        """
+        names = {p: name for name, p in self.module.named_parameters()}
+        problems = []
+        for param in self._ordered:
+            reference = param.grad
+            terms = by_param.get(param, [])
+            if reference is None or not torch.isfinite(reference).all():
+                continue
+            captured = _sum_terms(terms, None, sanitize=False) if terms else None
+            if captured is None:
+                mismatch = bool(reference.abs().max() > 0)
+            else:
+                error = (captured.to(reference.dtype) - reference).norm()
+                bound = 1e-3 * reference.norm() + 1e-6 * max(1.0, float(reference.numel()) ** 0.5)
+                mismatch = bool(error > bound)
+            if mismatch:
+                problems.append(names.get(param, "<unnamed parameter>"))
+        if problems:
+            raise DPValueError(
+                "These parameters received gradient that dptorch's layer hooks did not see: "
+                f"{', '.join(problems)}. Their per-example gradients would be incomplete, so "
+                "clipping could not bound each example's influence. Typical causes: a weight "
+                "used directly as a tensor (e.g. x @ emb.weight.T) instead of by calling its "
+                "module, a module that reads another module's weights, or a stale .grad from "
+                "before make_private (call optimizer.zero_grad() first). Call the owning module "
+                "instead, or register a rule for the custom module with "
+                "dptorch.per_sample.register_rule."
+            )
+
+
+def _sum_terms(terms: list[GradTerm], weights: Tensor | None, sanitize: bool) -> Tensor:
+    if weights is None:
+        weights = torch.ones(terms[0].batch_size, device=_device_of(terms[0]))
+    total = terms[0].weighted_sum(weights, sanitize)
+    for term in terms[1:]:
+        total = total + term.weighted_sum(weights, sanitize)
+    return total
+
+
+def _device_of(term: GradTerm) -> torch.device:
+    return term.param.device
+
+
+def _common_batch_size(
+    by_param: dict[Tensor, list[GradTerm]], records: list[CallRecord]
+) -> int:
+    sizes = {term.batch_size for terms in by_param.values() for term in terms}
+    if len(sizes) > 1:
+        paths = sorted({r.path for r in records})
+        raise DPValueError(
+            f"Layers saw different batch sizes {sorted(sizes)} in one step (layers: "
+            f"{', '.join(paths)}). Every captured layer must see the batch dimension of the "
+            "same examples; check batch_first= (False means inputs are [T, B, ...])."
+        )
+    return sizes.pop() if sizes else 0

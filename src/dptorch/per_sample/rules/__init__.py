@@ -1,0 +1,76 @@
+"""Per-layer rules, looked up by exact module type.
+
+Exact types (not ``isinstance``) because a subclass may change ``forward``; such a subclass
+falls back to ``torch.func``, which is always correct. :func:`register_rule` is the explicit
+extension point for custom layers.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dptorch.errors import DPTypeError
+from dptorch.per_sample.rules.base import Rule, RuleContext
+from dptorch.per_sample.rules.conv import conv_rule
+from dptorch.per_sample.rules.embedding import embedding_rule
+from dptorch.per_sample.rules.functional import SUBTREE_OWNERS, functional_rule, owned_parameters
+from dptorch.per_sample.rules.linear import linear_rule
+from dptorch.per_sample.rules.normalization import (
+    group_norm_rule,
+    instance_norm_rule,
+    layer_norm_rule,
+)
+
+_BUILTIN_RULES: dict[type[nn.Module], Rule] = {
+    nn.Linear: linear_rule,
+    nn.Conv1d: conv_rule,
+    nn.Conv2d: conv_rule,
+    nn.Conv3d: conv_rule,
+    nn.Embedding: embedding_rule,
+    nn.LayerNorm: layer_norm_rule,
+    nn.RMSNorm: layer_norm_rule,
+    nn.GroupNorm: group_norm_rule,
+    nn.InstanceNorm1d: instance_norm_rule,
+    nn.InstanceNorm2d: instance_norm_rule,
+    nn.InstanceNorm3d: instance_norm_rule,
+}
+_custom_rules: dict[type[nn.Module], Rule] = {}
+
+
+def register_rule(module_type: type[nn.Module], rule: Rule, *, overwrite: bool = False) -> None:
+    """Use ``rule`` for modules of exactly ``module_type``.
+
+    Privacy: a rule must return the exact per-sample gradients of the parameters the module
+    owns directly; the first optimizer step checks their sum against autograd's gradient.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise DPTypeError(
+            f"register_rule(module_type={module_type!r}) needs an nn.Module subclass."
+        )
+    if (module_type in _custom_rules or module_type in _BUILTIN_RULES) and not overwrite:
+        raise DPTypeError(
+            f"A rule for {module_type.__name__} exists already; pass overwrite=True to replace it."
+        )
+    _custom_rules[module_type] = rule
+
+
+def rule_for(module: nn.Module) -> Rule:
+    """The rule for ``module``: a registered one, a built-in one, else the torch.func fallback."""
+    kind = type(module)
+    return _custom_rules.get(kind) or _BUILTIN_RULES.get(kind) or functional_rule
+
+
+def has_dedicated_rule(module: nn.Module) -> bool:
+    kind = type(module)
+    return kind in _custom_rules or kind in _BUILTIN_RULES
+
+
+__all__ = [
+    "SUBTREE_OWNERS",
+    "Rule",
+    "RuleContext",
+    "has_dedicated_rule",
+    "owned_parameters",
+    "register_rule",
+    "rule_for",
+]

@@ -1,0 +1,233 @@
+"""Per-sample gradient terms: what one layer call contributes to one parameter's gradient.
+
+A term describes, for a batch of ``B`` examples, the per-example gradient of one parameter
+without necessarily materialising it. Two shapes of term exist:
+
+* :class:`DenseTerm` holds the instantiated per-example gradients ``[B, *param.shape]``; used
+  where they are small (biases, normalisation weights) or for the ``torch.func`` fallback.
+* :class:`OuterTerm` holds the two factors whose outer product, summed over positions, is the
+  gradient: ``g_i = sum_t rows[i, t] (x) cols[i, t]`` (Linear: output gradient x input; Conv:
+  the same on unfolded patches; Embedding: one-hot token x output gradient). From the factors
+  it can give the per-example squared norm either by the *ghost norm*
+  ``sum_{t,s} <rows_t, rows_s> <cols_t, cols_s>`` (Goodfellow 2015; Li et al. 2021,
+  arXiv 2110.05679) or by instantiating ``g_i``, and the weighted sum ``sum_i c_i g_i`` in one
+  contraction (Bu et al. 2022, arXiv 2210.00038).
+
+Terms are linear in the gradient, so several terms of one parameter (a tied weight, a layer
+called twice) add up; their cross inner products give the norm of the sum exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+NormRoute = Literal["auto", "ghost", "instantiate"]
+
+
+def scale_samples(tensor: Tensor, factors: Tensor, sanitize: bool) -> Tensor:
+    """Multiply each example's slice of ``tensor`` (batch dimension 0) by ``factors[i]``.
+
+    With ``sanitize`` the slices of examples whose factor is 0 become exactly 0, even where
+    they hold NaN or inf (``0 * nan`` is ``nan``), so a non-finite example cannot poison a sum.
+    """
+    shaped = factors.reshape((-1,) + (1,) * (tensor.dim() - 1)).to(tensor.dtype)
+    scaled = tensor * shaped
+    if sanitize:
+        scaled = torch.where(shaped != 0, scaled, torch.zeros((), dtype=scaled.dtype))
+    return scaled
+
+
+@dataclass(eq=False)
+class DenseTerm:
+    """Instantiated per-example gradients ``grad_sample[i]`` of ``param``: ``[B, *param.shape]``."""
+
+    param: Tensor
+    grad_sample: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.grad_sample.shape[0]
+
+    def instantiate(self) -> Tensor:
+        return self.grad_sample
+
+    def norm_sq(self, route: NormRoute = "auto") -> Tensor:
+        flat = self.grad_sample.reshape(self.batch_size, -1)
+        return (flat * flat).sum(dim=1)
+
+    def weighted_sum(self, factors: Tensor, sanitize: bool = False) -> Tensor:
+        return scale_samples(self.grad_sample, factors, sanitize).sum(dim=0)
+
+
+@dataclass(eq=False)
+class IndexRows:
+    """One-hot row factors given by indices: ``rows[i, t] = e_{index[i, t]}`` in ``R^size``.
+
+    Positions whose index is ``ignore`` (an Embedding's ``padding_idx``) contribute nothing.
+    """
+
+    index: Tensor  # [B, T] int64
+    size: int
+    ignore: int | None = None
+
+    def valid(self) -> Tensor:
+        """``[B, T]`` float mask of the positions that carry gradient."""
+        if self.ignore is None:
+            return torch.ones(self.index.shape, dtype=torch.bool, device=self.index.device)
+        return self.index != self.ignore
+
+
+RowFactor = Tensor | IndexRows
+
+
+def _row_gram(a: RowFactor, b: RowFactor, dtype: torch.dtype) -> Tensor:
+    """``[B, g, Ta, Tb]`` inner products between row factors (dense ``[B, g, T, R]``)."""
+    if isinstance(a, IndexRows) and isinstance(b, IndexRows):
+        same = a.index.unsqueeze(2) == b.index.unsqueeze(1)  # [B, Ta, Tb]
+        same = same & a.valid().unsqueeze(2) & b.valid().unsqueeze(1)
+        return same.to(dtype).unsqueeze(1)
+    if isinstance(a, IndexRows):
+        return _row_gram(b, a, dtype).transpose(2, 3)
+    if isinstance(b, IndexRows):
+        # <rows_a[t], e_{idx_b[s]}> = rows_a[t, idx_b[s]]  -> gather along R.
+        batch, groups, ta, _ = a.shape
+        idx = b.index.clamp(min=0).reshape(batch, 1, 1, -1).expand(batch, groups, ta, -1)
+        picked = torch.gather(a, 3, idx)  # [B, g, Ta, Tb]
+        return picked * b.valid().reshape(batch, 1, 1, -1).to(dtype)
+    return torch.matmul(a, b.transpose(2, 3))
+
+
+@dataclass(eq=False)
+class OuterTerm:
+    """Per-example gradient ``g_i = sum_t rows[i, :, t] (x) cols[i, :, t]`` of ``param``.
+
+    Shapes: ``rows`` is ``[B, g, T, R]`` (or :class:`IndexRows` with ``g = 1``), ``cols`` is
+    ``[B, g, T, C]``; ``g`` counts convolution groups, and the ``[g, R, C]`` gradient is viewed
+    as ``param.shape``.
+    """
+
+    param: Tensor
+    rows: RowFactor
+    cols: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.cols.shape[0]
+
+    @property
+    def positions(self) -> int:
+        return self.cols.shape[2]
+
+    @property
+    def row_size(self) -> int:
+        return self.rows.size if isinstance(self.rows, IndexRows) else self.rows.shape[3]
+
+    def ghost_cost(self) -> float:
+        """Multiply-adds of the ghost norm: ``B g T^2 (R + C)``."""
+        b, g, t, c = self.cols.shape
+        return float(b * g * t * t * (self.row_size + c))
+
+    def instantiate_cost(self) -> float:
+        """Multiply-adds of instantiating ``g_i``: ``B g T R C`` (sparse rows: ``B T C``)."""
+        b, g, t, c = self.cols.shape
+        if isinstance(self.rows, IndexRows):
+            return float(b * t * c)
+        return float(b * g * t * self.row_size * c)
+
+    def cheaper_route(self) -> Literal["ghost", "instantiate"]:
+        return "ghost" if self.ghost_cost() < self.instantiate_cost() else "instantiate"
+
+    def instantiate(self) -> Tensor:
+        """``[B, *param.shape]``; for index rows this is dense ``[B, R, C]`` (memory heavy)."""
+        if isinstance(self.rows, IndexRows):
+            b, _, t, c = self.cols.shape
+            cols = self.cols[:, 0] * self.rows.valid().unsqueeze(-1).to(self.cols.dtype)
+            out = torch.zeros(b, self.rows.size, c, dtype=self.cols.dtype, device=cols.device)
+            out.scatter_add_(1, self.rows.index.clamp(min=0).unsqueeze(-1).expand(b, t, c), cols)
+            return out.view(b, *self.param.shape)
+        grads = torch.matmul(self.rows.transpose(2, 3), self.cols)  # [B, g, R, C]
+        return grads.reshape(self.batch_size, *self.param.shape)
+
+    def norm_sq(self, route: NormRoute = "auto") -> Tensor:
+        chosen = self.cheaper_route() if route == "auto" else route
+        if chosen == "ghost":
+            return self.inner(self)
+        if isinstance(self.rows, IndexRows):
+            return self._sparse_rows_norm_sq()
+        flat = self.instantiate().reshape(self.batch_size, -1)
+        return (flat * flat).sum(dim=1)
+
+    def _sparse_rows_norm_sq(self) -> Tensor:
+        # Segment-sum the output gradients of equal (example, index) pairs, then take norms:
+        # ||sum_t e_{idx_t} G_t||^2 = sum_v ||sum_{t: idx_t = v} G_t||^2, at cost B*T*C.
+        assert isinstance(self.rows, IndexRows)
+        b, _, t, c = self.cols.shape
+        valid = self.rows.valid().reshape(-1)
+        keys = (
+            torch.arange(b, device=valid.device).unsqueeze(1) * self.rows.size
+            + self.rows.index.clamp(min=0)
+        ).reshape(-1)[valid]
+        cols = self.cols[:, 0].reshape(b * t, c)[valid]
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        sums = torch.zeros(unique.numel(), c, dtype=cols.dtype, device=cols.device)
+        sums.index_add_(0, inverse, cols)
+        out = torch.zeros(b, dtype=cols.dtype, device=cols.device)
+        return out.index_add_(0, unique // self.rows.size, (sums * sums).sum(dim=1))
+
+    def inner(self, other: OuterTerm) -> Tensor:
+        """Per-example ``<g_i, g'_i>`` by ghost inner products, never instantiating ``g_i``."""
+        rows = _row_gram(self.rows, other.rows, self.cols.dtype)
+        cols = torch.matmul(self.cols, other.cols.transpose(2, 3))
+        return (rows * cols).flatten(1).sum(dim=1)
+
+    def weighted_sum(self, factors: Tensor, sanitize: bool = False) -> Tensor:
+        cols = scale_samples(self.cols, factors, sanitize)
+        if isinstance(self.rows, IndexRows):
+            b, _, t, c = cols.shape
+            flat = (cols[:, 0] * self.rows.valid().unsqueeze(-1).to(cols.dtype)).reshape(b * t, c)
+            out = torch.zeros(self.rows.size, c, dtype=cols.dtype, device=cols.device)
+            out.index_add_(0, self.rows.index.clamp(min=0).reshape(-1), flat)
+            return out.view(self.param.shape)
+        b, g, t, c = cols.shape
+        # One batched matmul per group, contracting over examples and positions together:
+        # [g, R, B*T] @ [g, B*T, C].
+        rows = self.rows.permute(1, 3, 0, 2).reshape(g, -1, b * t)
+        summed = torch.bmm(rows, cols.permute(1, 0, 2, 3).reshape(g, b * t, c))
+        return summed.reshape(self.param.shape)
+
+
+GradTerm = DenseTerm | OuterTerm
+
+
+def combined_norm_sq(terms: list[GradTerm], route: NormRoute = "auto") -> Tensor:
+    """Per-example squared norm of the SUM of several terms of one parameter."""
+    if len(terms) == 1:
+        return terms[0].norm_sq(route)
+    outer = [t for t in terms if isinstance(t, OuterTerm)]
+    all_outer = len(outer) == len(terms) and len({t.cols.shape[1] for t in outer}) == 1
+    any_index = any(isinstance(t.rows, IndexRows) for t in outer)
+    if all_outer and (route == "ghost" or any_index or (route == "auto" and _ghost_wins(outer))):
+        # ||sum_k g^k||^2 = sum_k ||g^k||^2 + 2 sum_{k<l} <g^k, g^l>
+        total = outer[0].inner(outer[0])
+        for i, a in enumerate(outer):
+            if i > 0:
+                total = total + a.inner(a)
+            for b in outer[i + 1 :]:
+                total = total + 2 * a.inner(b)
+        return total
+    summed = terms[0].instantiate()
+    for term in terms[1:]:
+        summed = summed + term.instantiate()
+    flat = summed.reshape(summed.shape[0], -1)
+    return (flat * flat).sum(dim=1)
+
+
+def _ghost_wins(terms: list[OuterTerm]) -> bool:
+    b, g, _, c = terms[0].cols.shape
+    positions = sum(t.positions for t in terms)
+    rows = terms[0].row_size
+    return b * g * positions**2 * (rows + c) < b * g * positions * rows * c

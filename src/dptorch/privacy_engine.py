@@ -1,0 +1,250 @@
+"""``PrivacyEngine``: the front door. It checks, assembles and remembers; it computes nothing.
+
+A user's loop stays as it was; ``make_private`` returns the same model (with hooks), a
+:class:`DPOptimizer` and a Poisson-sampling :class:`DPDataLoader`, and the accountant hears of
+every step the optimizer takes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from dptorch.accountants import Accountant, create_accountant
+from dptorch.data import DPDataLoader, infer_sample_rate
+from dptorch.errors import (
+    DPError,
+    DPTypeError,
+    DPValueError,
+    DPWarning,
+    ParameterMismatchError,
+    UnsupportedModuleError,
+)
+from dptorch.optimizers import DPOptimizer
+from dptorch.per_sample import PerSampleEngine
+from dptorch.per_sample.capture import is_captured, remove_capture_hooks
+from dptorch.per_sample.engine import LossReduction
+from dptorch.per_sample.terms import NormRoute
+from dptorch.validation import check_noise_multiplier
+from dptorch.validators import find_problems
+
+
+class PrivacyEngine:
+    """Makes a model, optimizer and data loader private, and reports the privacy spent.
+
+    Args:
+        accountant: ``"rdp"`` or an :class:`~dptorch.accountants.Accountant` instance.
+        secure_mode: reserved for cryptographically secure noise (not available yet; asking
+            for it is an error rather than a silent downgrade).
+    """
+
+    def __init__(self, *, accountant: str | Accountant = "rdp", secure_mode: bool = False) -> None:
+        if secure_mode:
+            raise DPValueError(
+                "secure_mode=True is not available yet in this version of dptorch; refusing "
+                "rather than silently using a non-cryptographic noise source."
+            )
+        self.accountant = (
+            create_accountant(accountant) if isinstance(accountant, str) else accountant
+        )
+        if not isinstance(self.accountant, Accountant):
+            raise DPTypeError(
+                f"accountant={accountant!r} must be a name such as 'rdp' or an Accountant."
+            )
+        self.secure_mode = secure_mode
+        self._engines: list[PerSampleEngine] = []
+
+    # -- the three-line API ----------------------------------------------------------------
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader[Any],
+        noise_multiplier: float,
+        max_grad_norm: float,
+        poisson_sampling: bool = True,
+        loss_reduction: LossReduction = "mean",
+        batch_first: bool = True,
+        noise_generator: torch.Generator | None = None,
+        clipping: str = "flat",
+        sample_rate: float | None = None,
+        norm_route: NormRoute = "auto",
+    ) -> tuple[nn.Module, DPOptimizer, DataLoader[Any]]:
+        """Return ``(module, optimizer, data_loader)`` ready for private training.
+
+        ``module`` is returned as the same object with capture hooks attached (no wrapper;
+        ``state_dict()`` keys unchanged); :meth:`detach` removes them. Nothing is changed if
+        any argument is refused.
+
+        Args:
+            module: the model, in training mode, with no layer that mixes examples.
+            optimizer: a torch optimizer over exactly the model's trainable parameters.
+            data_loader: the training loader; with ``poisson_sampling`` it is replaced by a
+                :class:`DPDataLoader` that samples each example with rate
+                ``q = batch_size / len(dataset)``.
+            noise_multiplier: sigma; noise std on the clipped sum is ``sigma * max_grad_norm``.
+            max_grad_norm: C, the per-example L2 clipping norm.
+            poisson_sampling: keep it ``True``: the accountant assumes Poisson sampling.
+            loss_reduction: ``"mean"`` or ``"sum"``, as the loss combines a batch.
+            batch_first: ``False`` if sequence inputs are ``[T, B, ...]``.
+            noise_generator: generator for the noise (global torch RNG when ``None``).
+            clipping: ``"flat"`` (the only policy in this version).
+            sample_rate: q, required when it cannot be read from the loader.
+            norm_route: ``"auto"``, or force ``"ghost"`` / ``"instantiate"`` norms.
+
+        Privacy: each ``optimizer.step()`` releases a gradient with per-example sensitivity
+        ``max_grad_norm`` plus ``N(0, (noise_multiplier * max_grad_norm)^2)`` noise and records
+        ``(noise_multiplier, q)`` with the accountant, where q is the sampler's actual rate.
+        """
+        self._check_types(module, optimizer, data_loader)
+        if clipping != "flat":
+            raise DPValueError(f"clipping={clipping!r} is not available; use clipping='flat'.")
+        if norm_route not in ("auto", "ghost", "instantiate"):
+            raise DPValueError(
+                f"norm_route={norm_route!r} must be 'auto', 'ghost' or 'instantiate'."
+            )
+        noise_multiplier = check_noise_multiplier(noise_multiplier)
+        if is_captured(module):
+            raise DPValueError(
+                f"module ({type(module).__name__}) is already private (make_private was called "
+                "on it before). Call engine.detach(module) first, or keep using the first result."
+            )
+        problems = find_problems(module)
+        if problems:
+            raise UnsupportedModuleError([str(p) for p in problems])
+        trainable = _check_parameter_identity(module, optimizer)
+        loader, q = self._private_loader(data_loader, poisson_sampling, sample_rate)
+        if noise_multiplier == 0:
+            warnings.warn(
+                "noise_multiplier=0 adds no noise: training is NOT differentially private and "
+                "the reported epsilon is infinite. Use it only to debug clipping.",
+                DPWarning,
+                stacklevel=2,
+            )
+        engine = PerSampleEngine(
+            module,
+            trainable,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            norm_route=norm_route,
+        )
+        dp_optimizer = DPOptimizer(
+            optimizer,
+            engine=engine,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=q * _dataset_size(data_loader),
+            loss_reduction=loss_reduction,
+            generator=noise_generator,
+        )
+        dp_optimizer.attach_step_hook(self._accounting_hook(q))
+        engine.attach()  # last: every check above has passed
+        self._engines.append(engine)
+        return module, dp_optimizer, loader
+
+    def get_epsilon(self, delta: float) -> float:
+        """The epsilon spent so far at ``delta``, by this engine's accountant."""
+        return self.accountant.get_epsilon(delta)
+
+    def detach(self, module: nn.Module | None = None) -> None:
+        """Remove dptorch's hooks from ``module`` (all modules made private when ``None``).
+
+        Afterwards the module behaves exactly as before ``make_private``; optimizers made for
+        it must not be stepped again.
+        """
+        for engine in list(self._engines):
+            if module is None or engine.module is module:
+                engine.detach()
+                self._engines.remove(engine)
+        if module is not None:
+            remove_capture_hooks(module)
+
+    # -- parts -----------------------------------------------------------------------------
+    def _accounting_hook(self, sample_rate: float) -> Any:
+        accountant = self.accountant
+
+        def record_step(optimizer: DPOptimizer) -> None:
+            accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=sample_rate)
+
+        return record_step
+
+    @staticmethod
+    def _check_types(module: object, optimizer: object, data_loader: object) -> None:
+        if not isinstance(module, nn.Module):
+            raise DPTypeError(f"module={type(module).__name__} must be a torch.nn.Module.")
+        if isinstance(optimizer, DPOptimizer):
+            raise DPTypeError(
+                "optimizer is already a DPOptimizer (make_private was called on it). Pass the "
+                "original torch optimizer."
+            )
+        if not isinstance(optimizer, Optimizer):
+            raise DPTypeError(
+                f"optimizer={type(optimizer).__name__} must be a torch.optim.Optimizer."
+            )
+        if not isinstance(data_loader, DataLoader):
+            raise DPTypeError(
+                f"data_loader={type(data_loader).__name__} must be a torch.utils.data.DataLoader."
+            )
+
+    @staticmethod
+    def _private_loader(
+        data_loader: DataLoader[Any], poisson_sampling: bool, sample_rate: float | None
+    ) -> tuple[DataLoader[Any], float]:
+        if poisson_sampling:
+            loader = DPDataLoader.from_data_loader(data_loader, sample_rate=sample_rate)
+            return loader, loader.sample_rate
+        q = sample_rate if sample_rate is not None else infer_sample_rate(data_loader)
+        warnings.warn(
+            "poisson_sampling=False: the loader's batches are not Poisson samples, but the "
+            f"accountant assumes Poisson sampling at q={q:.6g}. The reported epsilon is NOT a "
+            "guarantee for shuffled fixed-size batches.",
+            DPWarning,
+            stacklevel=3,
+        )
+        return data_loader, q
+
+
+def _dataset_size(data_loader: DataLoader[Any]) -> int:
+    try:
+        return len(data_loader.dataset)  # type: ignore[arg-type]
+    except TypeError as error:
+        raise DPTypeError(
+            "data_loader.dataset has no len(); private training needs a map-style dataset."
+        ) from error
+
+
+def _check_parameter_identity(module: nn.Module, optimizer: Optimizer) -> list[nn.Parameter]:
+    """The trainable parameters, once the optimizer is shown to hold exactly them."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    in_module = set(module.parameters())
+    in_optimizer = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    stale = [p for p in in_optimizer if p not in in_module]
+    optimized = set(in_optimizer)
+    missing = [
+        name for name, p in module.named_parameters() if p.requires_grad and p not in optimized
+    ]
+    if stale:
+        raise ParameterMismatchError(
+            f"The optimizer holds {len(stale)} parameter(s) that are not in the module. This "
+            "usually means the model was changed (for example by ModuleValidator.fix) AFTER "
+            "the optimizer was built, so the optimizer would update the old layers. Build the "
+            "optimizer from the final model: model = ModuleValidator.fix(model); "
+            "optimizer = torch.optim.SGD(model.parameters(), ...)."
+        )
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise ParameterMismatchError(
+            f"These trainable parameters are not in the optimizer: {shown}. Their per-sample "
+            "gradients would still count towards clipping but never be trained. Pass them to "
+            "the optimizer, or freeze them with p.requires_grad_(False) before make_private."
+        )
+    return trainable
+
+
+__all__ = ["DPError", "PrivacyEngine"]

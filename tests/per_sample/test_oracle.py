@@ -1,0 +1,110 @@
+"""Every per-sample route against the one-example-at-a-time oracle.
+
+With noise 0, the gradient the optimizer applies must equal ``sum_i clip_C(g_i) / (q N)``
+(``"mean"``) or ``sum_i clip_C(g_i)`` (``"sum"``), where ``g_i`` is the gradient of example
+``i``'s own loss computed by plain autograd on that example alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dptorch import PrivacyEngine
+from tests.per_sample.layer_cases import CASES, LayerCase
+
+pytestmark = pytest.mark.filterwarnings("ignore::dptorch.DPWarning")
+
+BATCH = 6  # realised batch size
+DATASET = 40
+LOADER_BATCH = 8  # q = 8/40, so the expected batch size q*N = 8 differs from BATCH
+
+
+def _per_sample_losses(out: Tensor, target: Tensor, batch_dim: int) -> Tensor:
+    diff = (out - target).movedim(batch_dim, 0)
+    return (diff**2).reshape(diff.shape[0], -1).sum(dim=1)
+
+
+def _oracle(
+    case: LayerCase, model: nn.Module, x: Tensor, target: Tensor
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-example gradients by name, computed one example at a time."""
+    in_dim = 0 if case.batch_first else 1
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads: dict[str, list[Tensor]] = {n: [] for n, _ in named}
+    for i in range(BATCH):
+        model.zero_grad(set_to_none=True)
+        out = model(x.narrow(in_dim, i, 1))
+        loss = _per_sample_losses(
+            out, target.narrow(case.output_batch_dim, i, 1), case.output_batch_dim
+        ).sum()
+        loss.backward()
+        for n, p in named:
+            grads[n].append(p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+    stacked = {n: torch.stack(g) for n, g in grads.items()}
+    norms = torch.sqrt(sum(g.reshape(BATCH, -1).pow(2).sum(dim=1) for g in stacked.values()))
+    return stacked, norms
+
+
+def _make(case: LayerCase) -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = case.make_model().double()
+    x = case.make_input(BATCH)
+    x = x.double() if x.is_floating_point() else x
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    return model, x, target
+
+
+@pytest.mark.parametrize("route", ["auto", "ghost", "instantiate"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("clip", ["active", "inactive"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_applied_gradient_matches_oracle(
+    case: LayerCase, clip: str, reduction: str, route: str
+) -> None:
+    model, x, target = _make(case)
+    per_sample, norms = _oracle(case, model, x, target)
+    # "active": about half of the examples are clipped; "inactive": none is.
+    max_grad_norm = float(norms.median()) if clip == "active" else float(norms.max()) * 10
+    factors = torch.clamp(max_grad_norm / norms, max=1.0)
+    divisor = LOADER_BATCH if reduction == "mean" else 1.0
+    expected = {
+        n: (g * factors.reshape(-1, *[1] * (g.dim() - 1))).sum(dim=0) / divisor
+        for n, g in per_sample.items()
+    }
+
+    model.zero_grad(set_to_none=True)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    loader = DataLoader(TensorDataset(torch.zeros(DATASET, 1)), batch_size=LOADER_BATCH)
+    engine = PrivacyEngine()
+    model, optimizer, _ = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        loss_reduction=reduction,
+        batch_first=case.batch_first,
+        norm_route=route,
+    )
+    losses = _per_sample_losses(model(x), target, case.output_batch_dim)
+    (losses.mean() if reduction == "mean" else losses.sum()).backward()
+    optimizer.step()
+
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert param.grad is None, f"frozen {name} got a gradient"
+            continue
+        torch.testing.assert_close(
+            param.grad,
+            expected[name],
+            rtol=1e-5,
+            atol=1e-10,
+            msg=lambda m, n=name: f"{case.name}: {n}: {m}",
+        )
+    stats = optimizer.last_step_stats
+    assert stats is not None and stats.batch_size == BATCH
+    torch.testing.assert_close(optimizer.engine.capture.records, [])  # cleared after the step
