@@ -56,7 +56,7 @@ class DenseTerm:
         return self.grad_sample
 
     def norm_sq(self, route: NormRoute = "auto") -> Tensor:
-        flat = self.grad_sample.reshape(self.batch_size, -1)
+        flat = self.grad_sample.flatten(1)
         return (flat * flat).sum(dim=1)
 
     def weighted_sum(self, factors: Tensor, sanitize: bool = False) -> Tensor:
@@ -95,9 +95,10 @@ def _row_gram(a: RowFactor, b: RowFactor, dtype: torch.dtype) -> Tensor:
     if isinstance(b, IndexRows):
         # <rows_a[t], e_{idx_b[s]}> = rows_a[t, idx_b[s]]  -> gather along R.
         batch, groups, ta, _ = a.shape
-        idx = b.index.clamp(min=0).reshape(batch, 1, 1, -1).expand(batch, groups, ta, -1)
+        tb = b.index.shape[1]
+        idx = b.index.clamp(min=0).reshape(batch, 1, 1, tb).expand(batch, groups, ta, tb)
         picked = torch.gather(a, 3, idx)  # [B, g, Ta, Tb]
-        return picked * b.valid().reshape(batch, 1, 1, -1).to(dtype)
+        return picked * b.valid().reshape(batch, 1, 1, tb).to(dtype)
     return torch.matmul(a, b.transpose(2, 3))
 
 
@@ -158,7 +159,7 @@ class OuterTerm:
             return self.inner(self)
         if isinstance(self.rows, IndexRows):
             return self._sparse_rows_norm_sq()
-        flat = self.instantiate().reshape(self.batch_size, -1)
+        flat = self.instantiate().flatten(1)
         return (flat * flat).sum(dim=1)
 
     def _sparse_rows_norm_sq(self) -> Tensor:
@@ -186,7 +187,11 @@ class OuterTerm:
 
     def weighted_sum(self, factors: Tensor, sanitize: bool = False) -> Tensor:
         cols = scale_samples(self.cols, factors, sanitize)
-        if isinstance(self.rows, IndexRows):
+        rows = self.rows
+        if sanitize and not isinstance(rows, IndexRows):
+            # The rows of a dropped example may hold NaN too, and NaN * 0 is NaN.
+            rows = scale_samples(rows, (factors != 0).to(rows.dtype), sanitize=True)
+        if isinstance(rows, IndexRows):
             b, _, t, c = cols.shape
             flat = (cols[:, 0] * self.rows.valid().unsqueeze(-1).to(cols.dtype)).reshape(b * t, c)
             out = torch.zeros(self.rows.size, c, dtype=cols.dtype, device=cols.device)
@@ -195,8 +200,8 @@ class OuterTerm:
         b, g, t, c = cols.shape
         # One batched matmul per group, contracting over examples and positions together:
         # [g, R, B*T] @ [g, B*T, C].
-        rows = self.rows.permute(1, 3, 0, 2).reshape(g, -1, b * t)
-        summed = torch.bmm(rows, cols.permute(1, 0, 2, 3).reshape(g, b * t, c))
+        flat_rows = rows.permute(1, 3, 0, 2).reshape(g, self.row_size, b * t)
+        summed = torch.bmm(flat_rows, cols.permute(1, 0, 2, 3).reshape(g, b * t, c))
         return summed.reshape(self.param.shape)
 
 
@@ -222,7 +227,7 @@ def combined_norm_sq(terms: list[GradTerm], route: NormRoute = "auto") -> Tensor
     summed = terms[0].instantiate()
     for term in terms[1:]:
         summed = summed + term.instantiate()
-    flat = summed.reshape(summed.shape[0], -1)
+    flat = summed.flatten(1)
     return (flat * flat).sum(dim=1)
 
 

@@ -9,6 +9,7 @@ stride and dilation, so they match exactly what the forward used.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,13 +47,15 @@ def unfold_patches(x: Tensor, conv: ConvNd) -> Tensor:
         span = conv.dilation[dim] * (conv.kernel_size[dim] - 1) + 1
         patches = patches.unfold(2 + dim, span, conv.stride[dim])
     # [B, C, o_1..o_n, span_1..span_n]: keep every dilation-th element of each window.
-    window = tuple(slice(None, None, d) for d in conv.dilation)
-    patches = patches[(Ellipsis, *window)]
+    window: tuple[slice, ...] = tuple(slice(None, None, d) for d in conv.dilation)
+    index: tuple[Any, ...] = (Ellipsis, *window)
+    patches = patches[index]
     batch, channels = x.shape[0], x.shape[1]
     out_dims = list(range(2, 2 + spatial))
     kernel_dims = list(range(2 + spatial, 2 + 2 * spatial))
     patches = patches.permute(0, *out_dims, 1, *kernel_dims)  # [B, o..., C, k...]
-    return patches.reshape(batch, -1, channels * math.prod(conv.kernel_size))
+    positions = math.prod(patches.shape[1 : 1 + spatial])
+    return patches.reshape(batch, positions, channels * math.prod(conv.kernel_size))
 
 
 def conv_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> list[GradTerm]:
@@ -61,12 +64,13 @@ def conv_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> list[G
     x, grad = compute_dtype(x), compute_dtype(grad)
     batch, groups = x.shape[0], module.groups
     out_channels = module.out_channels
-    grad = grad.reshape(batch, out_channels, -1)  # [B, C_out, P]
+    positions = math.prod(grad.shape[2:])  # explicit: -1 is ambiguous when B = 0
+    grad = grad.reshape(batch, out_channels, positions)  # [B, C_out, P]
     terms: list[GradTerm] = []
     if ctx.wants(module.weight):
         patches = unfold_patches(x, module)  # [B, P, C_in * K]
-        positions = patches.shape[1]
-        cols = patches.reshape(batch, positions, groups, -1).transpose(1, 2)  # [B, g, P, C]
+        per_group = patches.shape[2] // groups
+        cols = patches.reshape(batch, positions, groups, per_group).transpose(1, 2)  # [B, g, P, C]
         rows = grad.reshape(batch, groups, out_channels // groups, positions).transpose(2, 3)
         terms.append(OuterTerm(module.weight, rows=rows, cols=cols))
     if module.bias is not None and ctx.wants(module.bias):

@@ -6,6 +6,8 @@ indices. Positions holding ``padding_idx`` get no gradient, as in PyTorch.
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from dptorch.per_sample.capture import CallRecord
@@ -21,10 +23,11 @@ def embedding_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> l
     index = to_batch_first(index, ctx.batch_first, min_dim=2)
     grad = to_batch_first(compute_dtype(grad), ctx.batch_first, min_dim=3)
     batch = index.shape[0]
+    positions = math.prod(index.shape[1:])  # explicit: -1 is ambiguous when B = 0
     rows = IndexRows(
-        index=index.reshape(batch, -1),  # [B, T]
+        index=index.reshape(batch, positions),  # [B, T]
         size=module.num_embeddings,
         ignore=module.padding_idx,
     )
-    cols = grad.reshape(batch, 1, -1, module.embedding_dim)  # [B, 1, T, dim]
+    cols = grad.reshape(batch, 1, positions, module.embedding_dim)  # [B, 1, T, dim]
     return [OuterTerm(module.weight, rows=rows, cols=cols)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from dptorch.per_sample.capture import CallRecord
@@ -21,8 +23,9 @@ def linear_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> list
     grad = to_batch_first(compute_dtype(grad), ctx.batch_first, min_dim=3)
     batch = activations.shape[0]
     # Every middle dimension ([B, T..., d]) is a position summed over inside one example.
-    cols = activations.reshape(batch, 1, -1, module.in_features)  # [B, 1, T, in]
-    rows = grad.reshape(batch, 1, -1, module.out_features)  # [B, 1, T, out]
+    positions = math.prod(activations.shape[1:-1])  # explicit: -1 is ambiguous when B = 0
+    cols = activations.reshape(batch, 1, positions, module.in_features)  # [B, 1, T, in]
+    rows = grad.reshape(batch, 1, positions, module.out_features)  # [B, 1, T, out]
     terms: list[GradTerm] = []
     if ctx.wants(module.weight):
         terms.append(OuterTerm(module.weight, rows=rows, cols=cols))

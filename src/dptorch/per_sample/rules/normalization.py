@@ -8,6 +8,8 @@ the parameters, so they are instantiated.
 
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -42,7 +44,7 @@ def _trailing_shape_rule(module: nn.Module, record: CallRecord, ctx: RuleContext
         normalized = F.rms_norm(x, shape, None, module.eps)
     batch = x.shape[0]
     # Sum over every position between the batch and the normalised dims.
-    per_position = (batch, -1, *shape)
+    per_position = (batch, math.prod(x.shape[1 : x.dim() - len(shape)]), *shape)
     grad_w = (grad * normalized).reshape(per_position).sum(dim=1)
     grad_b = grad.reshape(per_position).sum(dim=1)
     return _affine_terms(module, grad_w, grad_b, ctx)
@@ -57,8 +59,9 @@ def _channel_terms(
 ) -> list[GradTerm]:
     """GroupNorm and InstanceNorm: one weight per channel (dim 1), summed over positions."""
     batch, channels = grad.shape[0], grad.shape[1]
-    grad_w = (grad * normalized).reshape(batch, channels, -1).sum(dim=2)
-    grad_b = grad.reshape(batch, channels, -1).sum(dim=2)
+    per_channel = (batch, channels, math.prod(grad.shape[2:]))
+    grad_w = (grad * normalized).reshape(per_channel).sum(dim=2)
+    grad_b = grad.reshape(per_channel).sum(dim=2)
     return _affine_terms(module, grad_w, grad_b, ctx)
 
 
