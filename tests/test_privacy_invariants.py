@@ -154,8 +154,7 @@ def test_nonfinite_example_gets_factor_zero_and_is_counted() -> None:
 def test_accountant_records_one_event_per_step_with_the_loaders_q() -> None:
     torch.manual_seed(5)
     model = nn.Linear(50, 2)
-    engine, optimizer, loader = _private(model, sigma=0.9, clip=1.0, dataset_size=200,
-                                         batch_size=8)
+    engine, optimizer, loader = _private(model, sigma=0.9, clip=1.0, dataset_size=200, batch_size=8)
     assert loader.sample_rate == pytest.approx(8 / 200)
     steps = 0
     for x, _ in loader:
@@ -219,12 +218,11 @@ def test_make_private_returns_the_same_module_with_unchanged_state_dict() -> Non
 
 
 def test_opacus_import_paths() -> None:
+    import dptorch
     from dptorch.accountants import RDPAccountant as Accountant
     from dptorch.data_loader import DPDataLoader
     from dptorch.optimizers import DPOptimizer
     from dptorch.validators import ModuleValidator
-
-    import dptorch
 
     assert dptorch.DPDataLoader is DPDataLoader
     assert dptorch.DPOptimizer is DPOptimizer

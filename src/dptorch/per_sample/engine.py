@@ -223,9 +223,7 @@ def _device_of(term: GradTerm) -> torch.device:
     return term.param.device
 
 
-def _common_batch_size(
-    by_param: dict[Tensor, list[GradTerm]], records: list[CallRecord]
-) -> int:
+def _common_batch_size(by_param: dict[Tensor, list[GradTerm]], records: list[CallRecord]) -> int:
     sizes = {term.batch_size for terms in by_param.values() for term in terms}
     if len(sizes) > 1:
         paths = sorted({r.path for r in records})
