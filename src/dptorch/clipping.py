@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from dptorch.errors import DPValueError
+from dptorch.validation import check_number
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,7 @@ class FlatClipping:
     max_grad_norm: float
 
     def __post_init__(self) -> None:
-        value = self.max_grad_norm
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise DPValueError(
-                f"max_grad_norm={value!r} must be a positive finite number (e.g. 1.0)."
-            )
+        value = check_number("max_grad_norm", self.max_grad_norm)
         if not (math.isfinite(value) and value > 0):
             raise DPValueError(
                 f"max_grad_norm={value!r} must be positive and finite: it bounds each "

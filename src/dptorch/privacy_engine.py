@@ -16,7 +16,8 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from dptorch.accountants import Accountant, create_accountant
-from dptorch.data import DPDataLoader, infer_sample_rate
+from dptorch.data import DPDataLoader
+from dptorch.data.sample_rate import resolve_sample_rate
 from dptorch.errors import (
     DPError,
     DPTypeError,
@@ -120,13 +121,6 @@ class PrivacyEngine:
             raise UnsupportedModuleError([str(p) for p in problems])
         trainable = _check_parameter_identity(module, optimizer)
         loader, q = self._private_loader(data_loader, poisson_sampling, sample_rate)
-        if noise_multiplier == 0:
-            warnings.warn(
-                "noise_multiplier=0 adds no noise: training is NOT differentially private and "
-                "the reported epsilon is infinite. Use it only to debug clipping.",
-                DPWarning,
-                stacklevel=2,
-            )
         engine = PerSampleEngine(
             module,
             trainable,
@@ -144,7 +138,23 @@ class PrivacyEngine:
             generator=noise_generator,
         )
         dp_optimizer.attach_step_hook(self._accounting_hook(q))
-        engine.attach()  # last: every check above has passed
+        # Warnings and hooks come last, once every argument has been accepted.
+        if noise_multiplier == 0:
+            warnings.warn(
+                "noise_multiplier=0 adds no noise: training is NOT differentially private and "
+                "the reported epsilon is infinite. Use it only to debug clipping.",
+                DPWarning,
+                stacklevel=2,
+            )
+        if not poisson_sampling:
+            warnings.warn(
+                "poisson_sampling=False: the loader's batches are not Poisson samples, but the "
+                f"accountant assumes Poisson sampling at q={q:.6g}. The reported epsilon is NOT "
+                "a guarantee for shuffled fixed-size batches.",
+                DPWarning,
+                stacklevel=2,
+            )
+        engine.attach()
         self._engines.append(engine)
         return module, dp_optimizer, loader
 
@@ -177,7 +187,7 @@ class PrivacyEngine:
     @staticmethod
     def _check_types(module: object, optimizer: object, data_loader: object) -> None:
         if not isinstance(module, nn.Module):
-            raise DPTypeError(f"module={type(module).__name__} must be a torch.nn.Module.")
+            raise DPTypeError(f"module={_show(module)} must be a torch.nn.Module.")
         if isinstance(optimizer, DPOptimizer):
             raise DPTypeError(
                 "optimizer is already a DPOptimizer (make_private was called on it). Pass the "
@@ -185,11 +195,12 @@ class PrivacyEngine:
             )
         if not isinstance(optimizer, Optimizer):
             raise DPTypeError(
-                f"optimizer={type(optimizer).__name__} must be a torch.optim.Optimizer."
+                f"optimizer={_show(optimizer)} must be a torch.optim.Optimizer, e.g. "
+                "torch.optim.SGD(model.parameters(), lr=0.1)."
             )
         if not isinstance(data_loader, DataLoader):
             raise DPTypeError(
-                f"data_loader={type(data_loader).__name__} must be a torch.utils.data.DataLoader."
+                f"data_loader={_show(data_loader)} must be a torch.utils.data.DataLoader."
             )
 
     @staticmethod
@@ -199,15 +210,14 @@ class PrivacyEngine:
         if poisson_sampling:
             loader = DPDataLoader.from_data_loader(data_loader, sample_rate=sample_rate)
             return loader, loader.sample_rate
-        q = sample_rate if sample_rate is not None else infer_sample_rate(data_loader)
-        warnings.warn(
-            "poisson_sampling=False: the loader's batches are not Poisson samples, but the "
-            f"accountant assumes Poisson sampling at q={q:.6g}. The reported epsilon is NOT a "
-            "guarantee for shuffled fixed-size batches.",
-            DPWarning,
-            stacklevel=3,
-        )
-        return data_loader, q
+        return data_loader, resolve_sample_rate(data_loader, sample_rate)
+
+
+def _show(value: object) -> str:
+    """``'text' (str)``: the value and its type, shortened, for error messages."""
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
 
 
 def _dataset_size(data_loader: DataLoader[Any]) -> int:

@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import math
 
-from dptorch.errors import DPValueError
+from dptorch.errors import DPTypeError, DPValueError
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def check_number(name: str, value: object) -> float:
+    """``value`` as a float; a non-number (a string, a bool, None) is a DPTypeError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DPTypeError(f"{name}={value!r} ({type(value).__name__}) must be a number.")
+    return float(value)
 
 
 def check_noise_multiplier(value: object) -> float:
     """sigma must be a finite number >= 0 (0 means no privacy and is allowed for tests)."""
-    if not _is_number(value) or not math.isfinite(float(value)) or float(value) < 0:  # type: ignore[arg-type]
+    sigma = check_number("noise_multiplier", value)
+    if not math.isfinite(sigma) or sigma < 0:
         raise DPValueError(
             f"noise_multiplier={value!r} must be a finite number >= 0: the noise std is "
-            "noise_multiplier * max_grad_norm. Typical values are 0.5 to 2; use "
-            "make_private_with_epsilon to pick one for a target epsilon."
+            "noise_multiplier * max_grad_norm. Typical values are 0.5 to 2."
         )
-    return float(value)  # type: ignore[arg-type]
+    return sigma
 
 
 def check_positive_number(name: str, value: object) -> float:
-    if not _is_number(value) or not math.isfinite(float(value)) or float(value) <= 0:  # type: ignore[arg-type]
+    number = check_number(name, value)
+    if not math.isfinite(number) or number <= 0:
         raise DPValueError(f"{name}={value!r} must be a positive finite number.")
-    return float(value)  # type: ignore[arg-type]
+    return number

@@ -7,6 +7,7 @@ listeners (the accountant) what ran.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,9 +92,10 @@ class DPOptimizer(Optimizer):
         self.generator = generator
         self.last_step_stats: StepStats | None = None
         self._step_hooks: list[StepHook] = []
-        # torch.optim internals some schedulers and profilers read.
-        self._optimizer_step_pre_hooks: dict[int, Any] = {}
-        self._optimizer_step_post_hooks: dict[int, Any] = {}
+        # What Optimizer.register_step_pre_hook / register_step_post_hook write to; step()
+        # runs them, since Optimizer.__init__ (which would wrap step) is not called.
+        self._optimizer_step_pre_hooks: OrderedDict[int, Any] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Any] = OrderedDict()
 
     # -- the wrapped optimizer's interface -------------------------------------------------
     @property
@@ -156,6 +158,8 @@ class DPOptimizer(Optimizer):
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        for pre_hook in list(self._optimizer_step_pre_hooks.values()):
+            pre_hook(self, (), {})
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -167,6 +171,8 @@ class DPOptimizer(Optimizer):
         self.last_step_stats = _stats(clipped)
         for hook in self._step_hooks:
             hook(self)
+        for post_hook in list(self._optimizer_step_post_hooks.values()):
+            post_hook(self, (), {})
         return loss
 
     def _release_noisy_gradients(self, clipped: ClippedBatch) -> None:

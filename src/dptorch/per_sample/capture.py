@@ -38,7 +38,8 @@ class CallRecord:
         output_positions: positions, in the flattened output, of the tensors that had
             gradient hooks.
         grads: the gradient of each hooked output (``None`` until backward reaches it).
-        backward_pass: number of the backward pass that produced the gradients.
+        backward_passes: numbers of the backward passes that produced gradients for it (more
+            than one means gradients of several passes; only the last is kept).
     """
 
     module: nn.Module
@@ -47,7 +48,7 @@ class CallRecord:
     kwargs: dict[str, Any]
     output_positions: list[int]
     grads: list[Tensor | None] = field(default_factory=list)
-    backward_pass: int | None = None
+    backward_passes: set[int] = field(default_factory=set)
 
     @property
     def has_grad(self) -> bool:
@@ -124,7 +125,7 @@ class ActivationCapture:
     def _grad_hook(self, record: CallRecord, slot: int) -> Any:
         def on_grad(grad: Tensor) -> None:
             record.grads[slot] = grad.detach()
-            record.backward_pass = self._pass_counter
+            record.backward_passes.add(self._pass_counter)
             if not self._end_of_pass_queued:
                 self._end_of_pass_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_pass)
@@ -137,7 +138,7 @@ class ActivationCapture:
 
     def backward_passes(self) -> set[int]:
         """The distinct backward passes that produced the records' gradients."""
-        return {r.backward_pass for r in self.records if r.backward_pass is not None}
+        return set().union(*(r.backward_passes for r in self.records))
 
 
 def is_captured(module: nn.Module) -> bool:

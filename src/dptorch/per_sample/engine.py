@@ -137,8 +137,9 @@ class PerSampleEngine:
             raise TrainingLoopError(
                 f"{len(passes)} backward passes ran since the last optimizer.step(). Accumulating "
                 "gradients over several backward passes would put several batches under one "
-                "noise draw and one accounting step. Call optimizer.step() after each backward, "
-                "or use BatchMemoryManager to split a logical batch."
+                "noise draw and one accounting step. Call optimizer.step() after each backward "
+                "(splitting one logical batch into physical ones is BatchMemoryManager's job, "
+                "which this version does not have yet)."
             )
         by_param = self._terms_by_parameter(records)
         batch = _common_batch_size(by_param, records)
