@@ -193,9 +193,9 @@ class OuterTerm:
             rows = scale_samples(rows, (factors != 0).to(rows.dtype), sanitize=True)
         if isinstance(rows, IndexRows):
             b, _, t, c = cols.shape
-            flat = (cols[:, 0] * self.rows.valid().unsqueeze(-1).to(cols.dtype)).reshape(b * t, c)
-            out = torch.zeros(self.rows.size, c, dtype=cols.dtype, device=cols.device)
-            out.index_add_(0, self.rows.index.clamp(min=0).reshape(-1), flat)
+            flat = (cols[:, 0] * rows.valid().unsqueeze(-1).to(cols.dtype)).reshape(b * t, c)
+            out = torch.zeros(rows.size, c, dtype=cols.dtype, device=cols.device)
+            out.index_add_(0, rows.index.clamp(min=0).reshape(-1), flat)
             return out.view(self.param.shape)
         b, g, t, c = cols.shape
         # One batched matmul per group, contracting over examples and positions together:
