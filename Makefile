@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # Re-installs whenever pyproject.toml changes; delete it to force a fresh install.
 STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
+# Python trees to lint (README's code blocks are checked by its own tests, not by ruff format).
+LINT_PATHS := src tests $(wildcard benchmarks examples)
 
 .PHONY: venv demo lint test test-slow
 
@@ -24,8 +26,8 @@ demo: venv
 	$(BIN)/python -m dptorch demo
 
 lint: venv
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 
 # pytest exits 5 when it collects nothing; for the fast suite that means tests went missing,

@@ -45,6 +45,15 @@ def _problem_of(path: str, module: nn.Module) -> ModuleProblem | None:
             "construct it with track_running_stats=False, or run ModuleValidator.fix(model)",
             fixable=True,
         )
+    if type(module) in (nn.GRU, nn.RNN) and any(p.requires_grad for p in module.parameters()):
+        return ModuleProblem(
+            path,
+            kind,
+            "has no dedicated per-sample rule, and torch.func cannot batch its kernel, so its "
+            "per-example gradients cannot be computed",
+            "replace it with nn.LSTM (supported through torch.func) or freeze it with "
+            "requires_grad_(False); DP-ready GRU/RNN layers are planned",
+        )
     if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
         return ModuleProblem(
             path,
