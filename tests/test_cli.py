@@ -116,9 +116,20 @@ def test_python_dash_m_dptorch_runs_the_demo() -> None:
     assert json.loads(result.stdout.strip().splitlines()[-1])["train_size"] == 512
 
 
+def test_demo_default_learning_rate_depends_on_privacy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run_json(capsys, *TINY)["lr"] == 0.2
+    assert _run_json(capsys, "--no-dp", *TINY)["lr"] == 0.1
+    assert _run_json(capsys, "--no-dp", *TINY, "--lr", "0.3")["lr"] == 0.3
+
+
 @pytest.mark.slow
 def test_default_demo_reaches_the_documented_utility(capsys: pytest.CaptureFixture[str]) -> None:
     summary = _run_json(capsys)
     assert summary["epochs"] == 15 and summary["batch_size"] == 64
-    assert summary["accuracy"] > 0.85
+    assert summary["accuracy"] > 0.85  # seed 0 gives 0.905 at epsilon 3.29
     assert summary["epsilon"] < 3.5
+
+
+@pytest.mark.slow
+def test_default_non_private_baseline_is_stronger(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run_json(capsys, "--no-dp")["accuracy"] > 0.95  # seed 0 gives 0.965

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dptorch.datasets import load_mnist_5k
 from dptorch.errors import DPError
 
-__all__ = ["main"]
+__all__ = ["main", "small_cnn"]
 
 # How often (in steps) the progress bar asks the accountant for epsilon; the loss is updated on
 # every step, epsilon is cheap but not free.
@@ -78,7 +78,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=64,
         help="expected logical batch size (Poisson sampling rate = batch size / train size)",
     )
-    demo.add_argument("--lr", type=_positive_float, default=0.2, help="SGD learning rate")
+    demo.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=argparse.SUPPRESS,
+        help="SGD learning rate (default: 0.2 with DP; 0.1 with --no-dp, where unclipped "
+        "gradients make 0.2 unstable)",
+    )
     demo.add_argument(
         "--delta", type=_probability, default=1e-5, help="delta of the (epsilon, delta) report"
     )
@@ -90,7 +96,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "noise: a reproducible demo, but a real release must not use a known seed",
     )
     demo.add_argument(
-        "--no-dp", action="store_true", help="non-private baseline: same model and loop, no noise"
+        "--no-dp",
+        action="store_true",
+        help="non-private baseline: same model and loop, no clipping or noise",
     )
     demo.add_argument(
         "--json", action="store_true", help="print only a one-line JSON summary on stdout"
@@ -105,8 +113,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_positive_int,
         default=1,
-        help="torch CPU threads; the model is too small to gain from more, and one thread "
-        "gives the same numbers on every machine",
+        help="torch CPU threads; the model is too small to gain much from more, and a fixed "
+        "count keeps runs reproducible whatever the machine's core count",
     )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
@@ -132,6 +140,8 @@ def small_cnn() -> nn.Module:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if not hasattr(args, "lr"):
+        args.lr = 0.1 if args.no_dp else 0.2
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
