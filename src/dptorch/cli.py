@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dptorch.accounting_cli import add_accounting_commands
 from dptorch.datasets import load_mnist_5k
 from dptorch.errors import DPError
 
@@ -43,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.command == "demo":
         return _demo(args)
+    if hasattr(args, "handler"):
+        return int(args.handler(args))
     parser.print_help(sys.stderr)
     return 2
 
@@ -117,6 +120,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "count keeps runs reproducible whatever the machine's core count",
     )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_accounting_commands(commands)
     return parser
 
 

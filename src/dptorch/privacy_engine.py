@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from dptorch.accountants import Accountant, create_accountant
+from dptorch.accountants.calibration import check_delta_against_dataset, get_noise_multiplier
 from dptorch.data import DPDataLoader
 from dptorch.data.sample_rate import resolve_sample_rate
 from dptorch.errors import (
@@ -158,6 +159,58 @@ class PrivacyEngine:
         self._engines.append(engine)
         return module, dp_optimizer, loader
 
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader[Any],
+        target_epsilon: float,
+        target_delta: float,
+        max_grad_norm: float,
+        epochs: int | None = None,
+        steps: int | None = None,
+        epsilon_tolerance: float = 0.01,
+        **options: Any,
+    ) -> tuple[nn.Module, DPOptimizer, DataLoader[Any]]:
+        """:meth:`make_private` with the smallest noise that keeps epsilon <= the target.
+
+        The noise is calibrated with this engine's accountant for the run that will really
+        happen: the sample rate of the Poisson loader and ``epochs * len(loader)`` steps (or
+        ``steps``). Other keyword arguments go to :meth:`make_private`.
+
+        Privacy: after the planned number of steps, :meth:`get_epsilon` at ``target_delta``
+        is at most ``target_epsilon``. Training longer spends more; set a budget to stop there.
+        """
+        if (epochs is None) == (steps is None):
+            raise DPValueError(
+                f"Pass exactly one of epochs= or steps= (got epochs={epochs!r}, steps={steps!r}): "
+                "the noise needed depends on how many steps will run."
+            )
+        sample_rate = options.pop("sample_rate", None)
+        poisson = options.get("poisson_sampling", True)
+        self._check_types(module, optimizer, data_loader)
+        planned_loader, q = self._private_loader(data_loader, poisson, sample_rate)
+        total_steps = steps if steps is not None else _planned_steps(epochs, planned_loader)
+        check_delta_against_dataset(target_delta, _dataset_size(data_loader))
+        sigma = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=q,
+            steps=total_steps,
+            accountant=self.accountant.mechanism(),
+            epsilon_tolerance=epsilon_tolerance,
+        )
+        return self.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=sigma,
+            max_grad_norm=max_grad_norm,
+            sample_rate=q,
+            **options,
+        )
+
     def get_epsilon(self, delta: float) -> float:
         """The epsilon spent so far at ``delta``, by this engine's accountant."""
         return self.accountant.get_epsilon(delta)
@@ -211,6 +264,12 @@ class PrivacyEngine:
             loader = DPDataLoader.from_data_loader(data_loader, sample_rate=sample_rate)
             return loader, loader.sample_rate
         return data_loader, resolve_sample_rate(data_loader, sample_rate)
+
+
+def _planned_steps(epochs: int | None, loader: DataLoader[Any]) -> int:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise DPValueError(f"epochs={epochs!r} must be a positive whole number of passes.")
+    return epochs * len(loader)
 
 
 def _show(value: object) -> str:

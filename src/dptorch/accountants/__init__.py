@@ -7,7 +7,16 @@ without a model. The analyses themselves live in :mod:`dptorch.accountants.analy
 from __future__ import annotations
 
 from dptorch.accountants.base import Accountant
+from dptorch.accountants.calibration import get_noise_multiplier
+from dptorch.accountants.gdp import GaussianAccountant
 from dptorch.accountants.rdp import RDPAccountant
 from dptorch.accountants.registry import create_accountant, register_accountant
 
-__all__ = ["Accountant", "RDPAccountant", "create_accountant", "register_accountant"]
+__all__ = [
+    "Accountant",
+    "GaussianAccountant",
+    "RDPAccountant",
+    "create_accountant",
+    "get_noise_multiplier",
+    "register_accountant",
+]

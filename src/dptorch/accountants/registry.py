@@ -7,6 +7,7 @@ module can never silently replace an accountant another part of the program reli
 from __future__ import annotations
 
 from dptorch.accountants.base import Accountant
+from dptorch.accountants.gdp import GaussianAccountant
 from dptorch.accountants.rdp import RDPAccountant
 from dptorch.errors import DPTypeError, DPValueError
 
@@ -60,3 +61,4 @@ def create_accountant(name: str) -> Accountant:
 
 
 register_accountant(RDPAccountant.mechanism(), RDPAccountant)
+register_accountant(GaussianAccountant.mechanism(), GaussianAccountant)
