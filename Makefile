@@ -8,7 +8,7 @@ PYTEST := $(BIN)/python -m pytest
 # Python trees to lint (README's code blocks are checked by its own tests, not by ruff format).
 LINT_PATHS := src tests $(wildcard benchmarks examples)
 
-.PHONY: venv demo lint test test-slow
+.PHONY: venv demo lint test test-slow bench-accounting
 
 venv: $(STAMP)
 
@@ -41,3 +41,9 @@ test-slow: venv
 	@rc=0; $(PYTEST) -m slow || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-slow: no slow tests collected"; rc=0; fi; \
 	exit $$rc
+
+# Side-by-side accounting benchmark. Opacus is a benchmark-only dependency, installed with
+# --no-deps (plus its one missing requirement, opt_einsum) so pip never re-resolves torch.
+bench-accounting: venv
+	$(BIN)/python -m pip install --no-deps opacus==1.6.0 opt_einsum
+	$(BIN)/python benchmarks/accounting.py

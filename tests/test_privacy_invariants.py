@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dptorch import PrivacyEngine
-from dptorch.accountants import RDPAccountant
+from dptorch.accountants import create_accountant
 from dptorch.clipping import FlatClipping
 from dptorch.per_sample import PerSampleEngine
 
@@ -165,7 +165,8 @@ def test_accountant_records_one_event_per_step_with_the_loaders_q() -> None:
     assert steps == len(loader) == 25
     assert len(engine.accountant) == steps
     assert engine.accountant.history == [(0.9, 8 / 200, steps)]
-    reference = RDPAccountant()
+    assert engine.accountant.mechanism() == "prv"  # the default
+    reference = create_accountant("prv")
     for _ in range(steps):
         reference.step(noise_multiplier=0.9, sample_rate=8 / 200)
     assert engine.get_epsilon(1e-5) == reference.get_epsilon(1e-5)

@@ -40,12 +40,13 @@ class PrivacyEngine:
     """Makes a model, optimizer and data loader private, and reports the privacy spent.
 
     Args:
-        accountant: ``"rdp"`` or an :class:`~dptorch.accountants.Accountant` instance.
+        accountant: ``"prv"`` (default, tight), ``"rdp"``, ``"gdp"`` (an approximation that can
+            under-report) or an :class:`~dptorch.accountants.Accountant` instance.
         secure_mode: reserved for cryptographically secure noise (not available yet; asking
             for it is an error rather than a silent downgrade).
     """
 
-    def __init__(self, *, accountant: str | Accountant = "rdp", secure_mode: bool = False) -> None:
+    def __init__(self, *, accountant: str | Accountant = "prv", secure_mode: bool = False) -> None:
         if secure_mode:
             raise DPValueError(
                 "secure_mode=True is not available yet in this version of dptorch; refusing "

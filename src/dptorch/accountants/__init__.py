@@ -9,12 +9,14 @@ from __future__ import annotations
 from dptorch.accountants.base import Accountant
 from dptorch.accountants.calibration import get_noise_multiplier
 from dptorch.accountants.gdp import GaussianAccountant
+from dptorch.accountants.prv import PRVAccountant
 from dptorch.accountants.rdp import RDPAccountant
 from dptorch.accountants.registry import create_accountant, register_accountant
 
 __all__ = [
     "Accountant",
     "GaussianAccountant",
+    "PRVAccountant",
     "RDPAccountant",
     "create_accountant",
     "get_noise_multiplier",

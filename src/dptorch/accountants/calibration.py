@@ -109,13 +109,21 @@ def get_noise_multiplier(
     assert num_steps is not None  # _resolve_steps reports a problem otherwise
 
     analysis = create_accountant(accountant)
+    refusals: list[str] = []
 
     def epsilon_at(sigma: float) -> float:
         # One run-length entry instead of num_steps calls to step(): same history, O(1).
         analysis.load_state_dict(
             {"mechanism": analysis.mechanism(), "history": [(sigma, q, num_steps)]}
         )
-        return analysis.get_epsilon(delta)
+        try:
+            return analysis.get_epsilon(delta)
+        except DPValueError as error:
+            # An accountant may refuse a sigma it cannot analyse (PRV's grid for very little
+            # noise): that sigma does not meet the target, and the search moves on. The
+            # reason is kept in case no sigma works.
+            refusals.append(str(error))
+            return math.inf
 
     def meets(eps: float) -> bool:
         return eps <= eps_target  # False for NaN: an unknown epsilon never meets a budget
@@ -136,6 +144,7 @@ def get_noise_multiplier(
                     f"{num_steps} steps at sample_rate={q!r}, target_delta={delta!r} "
                     f"(accountant={accountant!r}). Raise target_epsilon or target_delta, "
                     "or train fewer steps or with a smaller sample_rate."
+                    + (f" The accountant refused: {refusals[-1]}" if refusals else "")
                 )
             low = high
             high = min(2 * high, high_limit)

@@ -35,7 +35,7 @@ class PRVAccountant(Accountant):
         >>> for _ in range(1000):
         ...     accountant.step(noise_multiplier=1.0, sample_rate=0.01)
         >>> round(accountant.get_epsilon(delta=1e-5), 2)
-        1.1
+        1.83
     """
 
     def __init__(self) -> None:
@@ -106,11 +106,10 @@ class PRVAccountant(Accountant):
         return delta_from_pld(self._plds(DEFAULT_POINTS), epsilon)
 
     def _plds(self, points: int) -> tuple[DiscretePLD, ...]:
+        """Composed PLDs of the current history on a grid of ``points`` cells (cached)."""
         key = tuple(self.history)
-        cached = self._cache.get(points)
-        if cached is None or cached[0] != key:
-            if any(k != points for k in self._cache) and cached is None:
-                self._cache = {k: v for k, v in self._cache.items() if v[0] == key}
-            cached = (key, compose_subsampled_gaussian(key, points=points))
-            self._cache[points] = cached
-        return cached[1]
+        if any(cached_key != key for cached_key, _ in self._cache.values()):
+            self._cache = {}  # the history changed since these were composed
+        if points not in self._cache:
+            self._cache[points] = (key, compose_subsampled_gaussian(key, points=points))
+        return self._cache[points][1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dptorch.accountants.base import Accountant
 from dptorch.accountants.gdp import GaussianAccountant
+from dptorch.accountants.prv import PRVAccountant
 from dptorch.accountants.rdp import RDPAccountant
 from dptorch.errors import DPTypeError, DPValueError
 
@@ -62,3 +63,4 @@ def create_accountant(name: str) -> Accountant:
 
 register_accountant(RDPAccountant.mechanism(), RDPAccountant)
 register_accountant(GaussianAccountant.mechanism(), GaussianAccountant)
+register_accountant(PRVAccountant.mechanism(), PRVAccountant)

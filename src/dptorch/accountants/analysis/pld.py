@@ -47,7 +47,7 @@ DEFAULT_POINTS = 1 << 15
 TAIL_MASS = 1e-20
 """Chernoff bound on the loss mass cut off by each window (it goes to the infinity atom)."""
 MAX_POINTS = 1 << 24
-_T = np.concatenate([np.geomspace(1e-3, 400.0, 48)])  # Chernoff exponents for K(t)
+_T = np.geomspace(1e-3, 400.0, 48)  # Chernoff exponents t at which K(t) is evaluated
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,8 @@ def _log_r(x: np.ndarray, sigma: float, q: float) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def _log_mgf(sigma: float, q: float, add: bool) -> tuple[np.ndarray, np.ndarray]:
-    """K(t) and K(-t) on the exponents ``_T``: log E_P[exp(+-t L)] for one step (trapezoid)."""
+def _log_mgf(sigma: float, q: float, add: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    """K(t), K(-t) on the exponents ``_T`` (K(t) = log E_P[exp(t L)]) and Var L, one step."""
     reach = float(_T[-1]) + 2 + 14 * sigma
     n = int(min(max(2 * reach / (sigma / 8), 2001), 400_001))
     x = np.linspace(-reach, reach, n)  # [n]
@@ -122,7 +122,22 @@ def _log_mgf(sigma: float, q: float, add: bool) -> tuple[np.ndarray, np.ndarray]
         # remove: E_P[r^t] = E_Q[r^(1+t)], Q = N(0, s^2); add: E_P[r^-t], P = N(0, s^2).
         power = -t if add else 1 + t
         out.append(logsumexp(log_gauss + power * log_r, axis=1) + dx)
-    return out[0], out[1]
+    weights = np.exp(log_gauss + (0.0 if add else log_r) + dx)
+    loss = -log_r if add else log_r
+    mean = float(np.sum(weights * loss) / np.sum(weights))
+    variance = float(np.sum(weights * (loss - mean) ** 2) / np.sum(weights))
+    return out[0], out[1], variance
+
+
+def _discrete_log_mgf(pld: DiscretePLD) -> tuple[np.ndarray, np.ndarray]:
+    """K(t), K(-t) on ``_T`` of the finite part of a discrete PLD."""
+    with np.errstate(divide="ignore"):
+        log_w = np.log(pld.masses)
+    losses = pld.losses()
+    return (
+        logsumexp(log_w + _T[:, None] * losses, axis=1),
+        logsumexp(log_w - _T[:, None] * losses, axis=1),
+    )
 
 
 def _window(k_pos: np.ndarray, k_neg: np.ndarray) -> tuple[float, float]:
@@ -211,34 +226,43 @@ def _power(one: DiscretePLD, k_pos: np.ndarray, k_neg: np.ndarray, steps: int) -
 def _compose_direction(
     history: Sequence[tuple[float, float, int]], add: bool, points: int
 ) -> DiscretePLD:
-    mgfs = [_log_mgf(float(sigma), float(q), add) for sigma, q, _ in history]
-    total_pos = sum(steps * kp for (kp, _), (_, _, steps) in zip(mgfs, history, strict=True))
-    total_neg = sum(steps * kn for (_, kn), (_, _, steps) in zip(mgfs, history, strict=True))
+    mgfs = [_log_mgf(sigma, q, add) for sigma, q, _ in history]
+    total_pos = sum(n * kp for (kp, _, _), (_, _, n) in zip(mgfs, history, strict=True))
+    total_neg = sum(n * kn for (_, kn, _), (_, _, n) in zip(mgfs, history, strict=True))
     lo, hi = _window(np.asarray(total_pos), np.asarray(total_neg))
-    h = (hi - lo) / points
-    if not (math.isfinite(h) and h > 0 and max(abs(lo), abs(hi)) / h < 1e15):
+    total_steps = sum(n for _, _, n in history)
+    spread = math.sqrt(sum(n * v for (_, _, v), (_, _, n) in zip(mgfs, history, strict=True)))
+    # Connecting the dots raises each step's mean loss by about h^2 / 12; keep the sum of
+    # those shifts below 1e-3 of the total loss's standard deviation.
+    h = min((hi - lo) / points, math.sqrt(12e-3 * spread / total_steps))
+    if not (math.isfinite(h) and h > 0 and (hi - lo) / h <= MAX_POINTS):
         raise DPValueError(
-            f"history={list(history)!r}: the privacy loss window [{lo:.4g}, {hi:.4g}] cannot "
-            "be represented on a floating-point grid; use RDPAccountant for this history."
+            f"history={list(history)!r}: the privacy loss window [{lo:.4g}, {hi:.4g}] needs "
+            f"more than {MAX_POINTS} grid cells for a tight answer; use RDPAccountant for "
+            "this history (its epsilon is then astronomically large anyway)."
         )
     composed: DiscretePLD | None = None
     cum_pos, cum_neg = np.zeros_like(_T), np.zeros_like(_T)
-    for (sigma, q, steps), (kp, kn) in zip(history, mgfs, strict=True):
-        lo1, hi1 = _window(kp, kn)
+    for sigma, q, steps in history:
+        exact_pos, exact_neg, _ = _log_mgf(sigma, q, add)
+        lo1, hi1 = _window(exact_pos, exact_neg)
         if (hi1 - lo1) / h > MAX_POINTS:
             raise DPValueError(
                 f"history entry (noise_multiplier={sigma!r}, sample_rate={q!r}, "
                 f"steps={steps!r}): one step's privacy loss spans [{lo1:.3g}, {hi1:.3g}], "
                 f"more than {MAX_POINTS} cells of the grid h={h:.3g} chosen for the whole "
-                "history; pass fewer points or use RDPAccountant."
+                "history; use RDPAccountant for this history."
             )
-        one = _one_step(float(sigma), float(q), add, h, lo1, hi1)
+        one = _one_step(sigma, q, add, h, lo1, hi1)
         one = DiscretePLD(h, one.offset, one.masses, one.infinity_mass, one.infinity_mass)
-        part = _power(one, kp, kn, int(steps))
+        # Windows come from the discretised step's own MGF: it is what gets composed.
+        kp, kn = _discrete_log_mgf(one)
+        part = _power(one, kp, kn, steps)
         cum_pos, cum_neg = cum_pos + steps * kp, cum_neg + steps * kn
-        composed = (
-            part if composed is None else _convolve(composed, part, *_window(cum_pos, cum_neg))
-        )
+        if composed is None:
+            composed = part
+        else:
+            composed = _convolve(composed, part, *_window(cum_pos, cum_neg))
     assert composed is not None
     return composed
 
@@ -281,5 +305,18 @@ def delta_from_pld(plds: Sequence[DiscretePLD], epsilon: float) -> float:
 
 
 def epsilon_from_pld(plds: Sequence[DiscretePLD], delta: float) -> float:
-    """Smallest epsilon >= 0 such that the composition is (epsilon, delta)-DP, or inf."""
+    """Smallest epsilon >= 0 such that the composition is (epsilon, delta)-DP, or inf.
+
+    Raises:
+        DPValueError: ``delta`` is so small that the mass the computation could not place
+            (window truncation plus FFT round-off, about 1e-11 for long histories) would
+            make the answer loose; such a delta is below what double precision resolves.
+    """
+    floor = max((pld.truncated_mass for pld in plds), default=0.0)
+    if floor > 0.1 * delta:
+        raise DPValueError(
+            f"delta={delta!r} is below the numerical floor of this privacy loss distribution "
+            f"(about {10 * floor:.1g}: FFT round-off and truncated tails, counted as "
+            "infinite loss); ask for a larger delta, or use RDPAccountant for this delta."
+        )
     return max((pld.epsilon(float(delta)) for pld in plds), default=0.0)
