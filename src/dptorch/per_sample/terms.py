@@ -19,7 +19,7 @@ called twice) add up; their cross inner products give the norm of the sum exactl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -114,6 +114,9 @@ class OuterTerm:
     param: Tensor
     rows: RowFactor
     cols: Tensor
+    # Per-example gradients kept from an instantiated norm, so the weighted sum costs
+    # B*R*C instead of B*T*R*C.
+    _instantiated: Tensor | None = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -159,7 +162,8 @@ class OuterTerm:
             return self.inner(self)
         if isinstance(self.rows, IndexRows):
             return self._sparse_rows_norm_sq()
-        flat = self.instantiate().flatten(1)
+        self._instantiated = self.instantiate()
+        flat = self._instantiated.flatten(1)
         return (flat * flat).sum(dim=1)
 
     def _sparse_rows_norm_sq(self) -> Tensor:
@@ -181,11 +185,24 @@ class OuterTerm:
 
     def inner(self, other: OuterTerm) -> Tensor:
         """Per-example ``<g_i, g'_i>`` by ghost inner products, never instantiating ``g_i``."""
+        if self.positions == other.positions == 1 and not (
+            isinstance(self.rows, IndexRows) or isinstance(other.rows, IndexRows)
+        ):
+            # One position ([B, d] inputs): <r r'> <c c'> per group, without B tiny matmuls.
+            rows_dot = (self.rows * other.rows).sum(dim=(2, 3))  # [B, g]
+            cols_dot = (self.cols * other.cols).sum(dim=(2, 3))
+            return (rows_dot * cols_dot).sum(dim=1)
         rows = _row_gram(self.rows, other.rows, self.cols.dtype)
         cols = torch.matmul(self.cols, other.cols.transpose(2, 3))
         return (rows * cols).flatten(1).sum(dim=1)
 
     def weighted_sum(self, factors: Tensor, sanitize: bool = False) -> Tensor:
+        if self._instantiated is not None:
+            grads = self._instantiated
+            if sanitize:
+                return scale_samples(grads, factors, sanitize=True).sum(dim=0)
+            flat = factors.to(grads.dtype) @ grads.flatten(1)  # [R*C]
+            return flat.view(self.param.shape)
         cols = scale_samples(self.cols, factors, sanitize)
         rows = self.rows
         if sanitize and not isinstance(rows, IndexRows):
