@@ -166,7 +166,9 @@ def test_zero_grad_clears_gradients_and_the_captured_batch(set_to_none: bool) ->
         if set_to_none:
             assert p.grad is None
         else:
-            assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+            # dptorch never lets autograd compute the (non-private) gradient of a hooked
+            # layer, so before the first step there may be no .grad to zero at all.
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0
     # The backward before zero_grad no longer counts: there is nothing to step on.
     with pytest.raises(TrainingLoopError, match="no backward pass"):
         optimizer.step()

@@ -188,6 +188,7 @@ class DPOptimizer(Optimizer):
             if total is not None:
                 noisy = noisy + total.to(dtype)
             param.grad = (noisy / divisor).to(param.dtype)
+            self.engine.note_released(param, param.grad)
 
 
 def _stats(clipped: ClippedBatch) -> StepStats:

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 # Marks hook functions as ours, so a module can be asked whether dptorch is attached to it
 # without keeping state on the module or in a global registry.
-_HOOK_MARK = "__dptorch_capture_hook__"
+HOOK_MARK = "__dptorch_capture_hook__"
 
 
 @dataclass(eq=False)
@@ -77,7 +77,7 @@ class ActivationCapture:
             def hook(mod: nn.Module, args: Any, kwargs: Any, out: Any, _path: str = path) -> None:
                 self._on_forward(mod, _path, args, kwargs, out)
 
-            setattr(hook, _HOOK_MARK, True)
+            setattr(hook, HOOK_MARK, True)
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
@@ -144,9 +144,10 @@ class ActivationCapture:
 def is_captured(module: nn.Module) -> bool:
     """Whether any submodule of ``module`` carries dptorch capture hooks."""
     return any(
-        getattr(hook, _HOOK_MARK, False)
+        getattr(hook, HOOK_MARK, False)
         for sub in module.modules()
-        for hook in sub._forward_hooks.values()
+        for hooks in (sub._forward_hooks, sub._forward_pre_hooks)
+        for hook in hooks.values()
     )
 
 
@@ -154,11 +155,15 @@ def remove_capture_hooks(module: nn.Module) -> int:
     """Remove every dptorch capture hook from ``module``'s tree; returns how many."""
     removed = 0
     for sub in module.modules():
-        for key in [
-            k for k, hook in sub._forward_hooks.items() if getattr(hook, _HOOK_MARK, False)
-        ]:
+        for key in [k for k, hook in sub._forward_hooks.items() if getattr(hook, HOOK_MARK, False)]:
             del sub._forward_hooks[key]
             sub._forward_hooks_with_kwargs.pop(key, None)
             sub._forward_hooks_always_called.pop(key, None)
+            removed += 1
+        for key in [
+            k for k, hook in sub._forward_pre_hooks.items() if getattr(hook, HOOK_MARK, False)
+        ]:
+            del sub._forward_pre_hooks[key]
+            sub._forward_pre_hooks_with_kwargs.pop(key, None)
             removed += 1
     return removed

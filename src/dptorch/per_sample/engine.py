@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from dptorch.errors import DPValueError, TrainingLoopError
 from dptorch.per_sample.capture import ActivationCapture, CallRecord
+from dptorch.per_sample.grad_skipping import ParameterGradSkipper
 from dptorch.per_sample.rules import (
     SUBTREE_OWNERS,
     RuleContext,
@@ -99,6 +100,7 @@ class PerSampleEngine:
         loss_reduction: LossReduction = "mean",
         norm_route: NormRoute = "auto",
         verify: bool = True,
+        skip_param_grads: bool = True,
     ) -> None:
         self.module = module
         self.trainable = frozenset(trainable)
@@ -107,14 +109,30 @@ class PerSampleEngine:
         self.loss_reduction = loss_reduction
         self.norm_route = norm_route
         self._verify_pending = verify
-        self.capture = ActivationCapture(modules_to_capture(module, self.trainable))
+        captured = modules_to_capture(module, self.trainable)
+        self.capture = ActivationCapture(captured)
         self._context = RuleContext(batch_first, self.trainable, self.capture)
+        swaps = {
+            m: [n for n, p in m._parameters.items() if p is not None and p in self.trainable]
+            for m in captured.values()
+            if skip_param_grads and has_dedicated_rule(m)
+        }
+        self.skipper = ParameterGradSkipper({m: names for m, names in swaps.items() if names})
+        self._skipped = frozenset(self.skipper.parameters)
+        # The gradients the optimizer released last, to tell them from foreign ones.
+        self._released: dict[Tensor, tuple[Tensor, int]] = {}
 
     def attach(self) -> None:
+        self.skipper.attach()  # first: the capture's hooks must see the outputs it replaces
         self.capture.attach()
 
     def detach(self) -> None:
         self.capture.detach()
+        self.skipper.detach()
+
+    def note_released(self, param: Tensor, grad: Tensor) -> None:
+        """Remember the gradient the optimizer stored in ``param.grad``."""
+        self._released[param] = (grad, grad._version)
 
     def clear(self) -> None:
         self.capture.clear()
@@ -158,6 +176,7 @@ class PerSampleEngine:
             param: _sum_terms(terms, weights, sanitize=nonfinite > 0)
             for param, terms in by_param.items()
         }
+        self._check_no_foreign_gradients()
         if self._verify_pending and batch > 0:
             self._verify_against_autograd(by_param, records)
             self._verify_pending = False
@@ -185,6 +204,8 @@ class PerSampleEngine:
         names = {p: name for name, p in self.module.named_parameters()}
         problems = []
         for param in self._ordered:
+            if param in self._skipped:
+                continue  # no autograd gradient to compare; see _check_no_foreign_gradients
             reference = param.grad
             terms = by_param.get(param, [])
             if reference is None or not torch.isfinite(reference).all():
@@ -199,16 +220,34 @@ class PerSampleEngine:
             if mismatch:
                 problems.append(names.get(param, "<unnamed parameter>"))
         if problems:
-            raise DPValueError(
-                "These parameters received gradient that dptorch's layer hooks did not see: "
-                f"{', '.join(problems)}. Their per-example gradients would be incomplete, so "
-                "clipping could not bound each example's influence. Typical causes: a weight "
-                "used directly as a tensor (e.g. x @ emb.weight.T) instead of by calling its "
-                "module, a module that reads another module's weights, or a stale .grad from "
-                "before make_private (call optimizer.zero_grad() first). Call the owning module "
-                "instead, or register a rule for the custom module with "
-                "dptorch.per_sample.register_rule."
-            )
+            raise DPValueError(_FOREIGN_GRADIENT_MESSAGE.format(", ".join(problems)))
+
+    def _check_no_foreign_gradients(self) -> None:
+        """Parameters whose autograd gradient is skipped must not have received any."""
+        names = {p: name for name, p in self.module.named_parameters()}
+        problems = []
+        for param in self._skipped:
+            grad = param.grad
+            if grad is None:
+                continue
+            released = self._released.get(param)
+            if released is not None and grad is released[0] and grad._version == released[1]:
+                continue  # the optimizer's own last release, untouched
+            if bool(grad.any()):
+                problems.append(names.get(param, "<unnamed parameter>"))
+        if problems:
+            raise DPValueError(_FOREIGN_GRADIENT_MESSAGE.format(", ".join(sorted(problems))))
+
+
+_FOREIGN_GRADIENT_MESSAGE = (
+    "These parameters received gradient that dptorch's layer hooks did not see: {}. Their "
+    "per-example gradients would be incomplete, so clipping could not bound each example's "
+    "influence. Typical causes: a weight used directly as a tensor (e.g. x @ emb.weight.T) "
+    "instead of by calling its module, a module that reads another module's weights, or a "
+    "stale .grad from before make_private (call optimizer.zero_grad() first). Call the owning "
+    "module instead, or register a rule for the custom module with "
+    "dptorch.per_sample.register_rule."
+)
 
 
 def _sum_terms(terms: list[GradTerm], weights: Tensor | None, sanitize: bool) -> Tensor:

@@ -37,8 +37,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.signal import fftconvolve, lfilter
-from scipy.special import log_ndtr, logsumexp
+from scipy.fft import irfft, next_fast_len, rfft
+from scipy.signal import lfilter
+from scipy.special import log_ndtr
 
 from dptorch.errors import DPValueError
 
@@ -107,6 +108,14 @@ def _log_r(x: np.ndarray, sigma: float, q: float) -> np.ndarray:
         )
 
 
+def _log_sum_exp(a: np.ndarray) -> np.ndarray:
+    """``log(sum(exp(a), axis=1))`` of a ``[m, n]`` array; rows of -inf give -inf."""
+    top = np.max(a, axis=1, keepdims=True)  # [m, 1]
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.sum(np.exp(a - top), axis=1)) + top[:, 0]
+
+
 @functools.lru_cache(maxsize=256)
 def _log_mgf(sigma: float, q: float, add: bool) -> tuple[np.ndarray, np.ndarray, float]:
     """K(t), K(-t) on the exponents ``_T`` (K(t) = log E_P[exp(t L)]) and Var L, one step."""
@@ -116,28 +125,22 @@ def _log_mgf(sigma: float, q: float, add: bool) -> tuple[np.ndarray, np.ndarray,
     log_gauss = -(x**2) / (2 * sigma**2) - math.log(sigma * math.sqrt(2 * math.pi))
     log_r = _log_r(x, sigma, q)
     dx = math.log(x[1] - x[0])
-    out = []
-    for sign in (1.0, -1.0):
-        t = sign * _T[:, None]  # [m, 1]
-        # remove: E_P[r^t] = E_Q[r^(1+t)], Q = N(0, s^2); add: E_P[r^-t], P = N(0, s^2).
-        power = -t if add else 1 + t
-        out.append(logsumexp(log_gauss + power * log_r, axis=1) + dx)
+    t = np.concatenate([_T, -_T])[:, None]  # [2m, 1]
+    # remove: E_P[r^t] = E_Q[r^(1+t)], Q = N(0, s^2); add: E_P[r^-t], P = N(0, s^2).
+    power = -t if add else 1 + t
+    both = _log_sum_exp(log_gauss + power * log_r) + dx  # [2m]
     weights = np.exp(log_gauss + (0.0 if add else log_r) + dx)
     loss = -log_r if add else log_r
     mean = float(np.sum(weights * loss) / np.sum(weights))
     variance = float(np.sum(weights * (loss - mean) ** 2) / np.sum(weights))
-    return out[0], out[1], variance
+    return both[: _T.size], both[_T.size :], variance
 
 
-def _discrete_log_mgf(pld: DiscretePLD) -> tuple[np.ndarray, np.ndarray]:
-    """K(t), K(-t) on ``_T`` of the finite part of a discrete PLD."""
-    with np.errstate(divide="ignore"):
-        log_w = np.log(pld.masses)
-    losses = pld.losses()
-    return (
-        logsumexp(log_w + _T[:, None] * losses, axis=1),
-        logsumexp(log_w - _T[:, None] * losses, axis=1),
-    )
+def _discrete_log_mgf(pld: DiscretePLD, t: np.ndarray) -> np.ndarray:
+    """``log sum_i w_i exp(t L_i)`` over the finite part of a discrete PLD, at each ``t``."""
+    keep = pld.masses > 0
+    log_w = np.log(pld.masses[keep])  # [n]
+    return _log_sum_exp(log_w + t[:, None] * pld.losses()[keep])  # [m]
 
 
 def _window(k_pos: np.ndarray, k_neg: np.ndarray) -> tuple[float, float]:
@@ -186,46 +189,10 @@ def _one_step(sigma: float, q: float, add: bool, h: float, lo: float, hi: float)
     return DiscretePLD(h, first, np.maximum(w, 0.0), float(delta[-1]))
 
 
-def _convolve(a: DiscretePLD, b: DiscretePLD, lo: float, hi: float) -> DiscretePLD:
-    """PLD of the sum of independent losses, truncated pessimistically to ``[lo, hi]``."""
-    masses = np.maximum(fftconvolve(a.masses, b.masses), 0.0)
-    offset = a.offset + b.offset
-    inf = 1.0 - (1.0 - a.infinity_mass) * (1.0 - b.infinity_mass)
-    truncated = a.truncated_mass + b.truncated_mass
-    top = math.ceil(hi / a.interval) - offset + 1  # keep indices < top
-    if top < masses.size:
-        cut = float(masses[max(top, 0) :].sum())
-        inf, truncated = inf + cut, truncated + cut
-        masses = masses[: max(top, 1)]
-    bottom = math.floor(lo / a.interval) - offset  # lift indices < bottom onto bottom
-    if 0 < bottom < masses.size:
-        lifted = float(masses[:bottom].sum())
-        masses = masses[bottom:].copy()
-        masses[0] += lifted
-        offset += bottom
-    return DiscretePLD(a.interval, offset, masses, min(inf, 1.0), truncated)
-
-
-def _power(one: DiscretePLD, k_pos: np.ndarray, k_neg: np.ndarray, steps: int) -> DiscretePLD:
-    """``steps``-fold composition of ``one`` by squaring; the k-fold window uses k * K."""
-    result: DiscretePLD | None = None
-    base, base_steps, result_steps = one, 1, 0
-    while True:
-        if steps & 1:
-            result_steps += base_steps
-            window = _window(result_steps * k_pos, result_steps * k_neg)
-            result = base if result is None else _convolve(result, base, *window)
-        steps >>= 1
-        if not steps:
-            assert result is not None
-            return result
-        base_steps *= 2
-        base = _convolve(base, base, *_window(base_steps * k_pos, base_steps * k_neg))
-
-
 def _compose_direction(
     history: Sequence[tuple[float, float, int]], add: bool, points: int
 ) -> DiscretePLD:
+    log_tail = math.log(TAIL_MASS)
     mgfs = [_log_mgf(sigma, q, add) for sigma, q, _ in history]
     total_pos = sum(n * kp for (kp, _, _), (_, _, n) in zip(mgfs, history, strict=True))
     total_neg = sum(n * kn for (_, kn, _), (_, _, n) in zip(mgfs, history, strict=True))
@@ -241,8 +208,14 @@ def _compose_direction(
             f"more than {MAX_POINTS} grid cells for a tight answer; use RDPAccountant for "
             "this history (its epsilon is then astronomically large anyway)."
         )
-    composed: DiscretePLD | None = None
-    cum_pos, cum_neg = np.zeros_like(_T), np.zeros_like(_T)
+    # The discretised steps are what gets composed, so their own MGFs bound the composed
+    # tails (rounding puts ~1e-13 of mass at the ends of a fine grid, so these tails can be
+    # far heavier than the exact ones).
+    t_hi = t_lo = _T
+    steps_cut = 0.0  # sum over steps of their mass put at infinity by the discretisation
+    log_finite = 0.0  # log of the composed finite mass, prod_j (1 - inf_j)^n_j
+    disc_pos, disc_neg = np.zeros_like(t_hi), np.zeros_like(t_lo)
+    ones: list[tuple[DiscretePLD, int]] = []
     for sigma, q, steps in history:
         exact_pos, exact_neg, _ = _log_mgf(sigma, q, add)
         lo1, hi1 = _window(exact_pos, exact_neg)
@@ -254,17 +227,39 @@ def _compose_direction(
                 "history; use RDPAccountant for this history."
             )
         one = _one_step(sigma, q, add, h, lo1, hi1)
-        one = DiscretePLD(h, one.offset, one.masses, one.infinity_mass, one.infinity_mass)
-        # Windows come from the discretised step's own MGF: it is what gets composed.
-        kp, kn = _discrete_log_mgf(one)
-        part = _power(one, kp, kn, steps)
-        cum_pos, cum_neg = cum_pos + steps * kp, cum_neg + steps * kn
-        if composed is None:
-            composed = part
-        else:
-            composed = _convolve(composed, part, *_window(cum_pos, cum_neg))
-    assert composed is not None
-    return composed
+        disc_pos = disc_pos + steps * _discrete_log_mgf(one, t_hi)
+        disc_neg = disc_neg + steps * _discrete_log_mgf(one, -t_lo)
+        steps_cut += steps * one.infinity_mass
+        log_finite += steps * math.log1p(-min(one.infinity_mass, 1.0))
+        ones.append((one, steps))
+    # Chernoff: the composed finite part has mass <= TAIL_MASS below lo_d and above hi_d.
+    first = math.floor(float(np.max((log_tail - disc_neg) / t_lo)) / h)
+    last = math.ceil(float(np.min((disc_pos - log_tail) / t_hi)) / h)
+    if not last - first < 2 * MAX_POINTS:
+        raise DPValueError(
+            f"history={list(history)!r}: the discretised privacy loss spans grid indices "
+            f"[{first}, {last}] of h={h:.3g}, more than {2 * MAX_POINTS} cells; use "
+            "RDPAccountant for this history."
+        )
+    # Compose on a circle of `size` cells: each step is wrapped modulo size, the spectra are
+    # raised to their step counts, and one inverse FFT gives the composed masses modulo
+    # size. Reading index r as the loss index in [first, first + size) is right except for
+    # the mass outside that range (<= 2 TAIL_MASS), which lands on wrong cells. Moving mass
+    # m changes delta(eps) = E[(1 - e^(eps - L))_+] by at most m, so adding 2 TAIL_MASS to
+    # the infinity atom keeps the result an upper bound.
+    size = next_fast_len(last - first + 1, real=True)
+    spectrum = np.ones(size // 2 + 1, dtype=np.complex128)
+    for one, steps in ones:
+        cells = (one.offset + np.arange(one.masses.size)) % size
+        spectrum *= rfft(np.bincount(cells, weights=one.masses, minlength=size)) ** steps
+    masses = np.roll(irfft(spectrum, size), -(first % size))  # masses[k]: index first + k
+    # FFT round-off shows as small negative masses; count size times the largest of them as
+    # mass that may be misplaced, like the aliased tails.
+    roundoff = size * max(0.0, -float(np.min(masses)))
+    masses = np.maximum(masses, 0.0)
+    misplaced = 2 * TAIL_MASS + roundoff
+    infinity = min(1.0, -math.expm1(log_finite) + misplaced)
+    return DiscretePLD(h, first, masses, infinity, min(1.0, steps_cut + misplaced))
 
 
 def compose_subsampled_gaussian(

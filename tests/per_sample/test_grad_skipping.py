@@ -1,0 +1,71 @@
+"""Autograd never computes the discarded gradients of hooked layers, and nothing leaks out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dptorch import PrivacyEngine
+from dptorch.per_sample import is_captured
+
+
+def _private(model: nn.Module) -> torch.optim.Optimizer:
+    data = TensorDataset(torch.zeros(40, 1))
+    _, optimizer, _ = PrivacyEngine().make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=8),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    return optimizer
+
+
+def test_backward_leaves_no_non_private_gradient_and_step_releases_one() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
+    optimizer = _private(model)
+    model(torch.randint(0, 10, (5, 3))).sum().backward()
+    assert all(p.grad is None for p in model.parameters())  # never computed
+    optimizer.step()
+    assert all(p.grad is not None for p in model.parameters())  # the private gradient
+
+
+def test_parameters_are_restored_when_the_forward_raises() -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    weight = model[0].weight
+    _private(model)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 5))  # wrong width: F.linear raises inside the forward
+    assert model[0]._parameters["weight"] is weight
+    assert isinstance(model[0].weight, nn.Parameter)
+
+
+def test_no_grad_forward_and_state_dict_see_the_real_parameters() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    params = list(model.parameters())
+    _private(model)
+    with torch.no_grad():
+        model(torch.randn(2, 4))
+    assert list(model.parameters()) == params
+    assert all(isinstance(v, torch.Tensor) for v in model.state_dict().values())
+    assert all(model.state_dict()[k] is not None for k in ("0.weight", "1.bias"))
+
+
+def test_detach_removes_the_pre_hooks_too() -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    engine = PrivacyEngine()
+    engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(torch.zeros(40, 1)), batch_size=8),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    assert model[0]._forward_pre_hooks
+    engine.detach(model)
+    assert not model[0]._forward_pre_hooks and not model[0]._forward_hooks
+    assert not is_captured(model)
+    model(torch.randn(2, 4)).sum().backward()
+    assert model[0].weight.grad is not None  # plain autograd again
