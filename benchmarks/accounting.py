@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from dptorch.accountants import create_accountant, get_noise_multiplier
+from dptorch.accountants.analysis import pld as pld_analysis
 from dptorch.accountants.analysis import rdp as rdp_analysis
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -29,10 +30,11 @@ CONSTANT = (1.0, Q, 10_000)  # (sigma, q, steps)
 
 
 def _clear_caches() -> None:
-    """Time cold calls: dptorch's RDP analysis memoises one-step RDP curves process-wide."""
-    for cached in vars(rdp_analysis).values():
-        if hasattr(cached, "cache_clear"):
-            cached.cache_clear()
+    """Time cold calls: dptorch's analysis modules memoise one-step curves process-wide."""
+    for module in (pld_analysis, rdp_analysis):
+        for cached in vars(module).values():
+            if hasattr(cached, "cache_clear"):
+                cached.cache_clear()
 
 
 def _median_seconds(run: Callable[[], Any], repeats: int = 5) -> tuple[float, Any]:

@@ -206,3 +206,27 @@ def test_delta_against_dataset_validates() -> None:
         check_delta_against_dataset(1e-5, 10.5)  # type: ignore[arg-type]
     with pytest.raises(DPValueError, match="delta="):
         check_delta_against_dataset(0.0, 100)
+
+
+@pytest.mark.parametrize(
+    ("target", "q", "steps"), [(3.0, 256 / 60_000, 14_063), (1.0, 0.01, 500), (8.0, 0.1, 300)]
+)
+def test_prv_calibration_never_overshoots_and_is_within_tolerance(
+    target: float, q: float, steps: int
+) -> None:
+    sigma = get_noise_multiplier(
+        target_epsilon=target, target_delta=DELTA, sample_rate=q, steps=steps, accountant="prv"
+    )
+    assert target - 0.01 <= _epsilon("prv", sigma, q, steps) <= target
+    # The tight accountant needs no more noise than the RDP bound does.
+    assert sigma <= get_noise_multiplier(
+        target_epsilon=target, target_delta=DELTA, sample_rate=q, steps=steps, accountant="rdp"
+    )
+
+
+def test_bracket_walks_down_to_small_sigmas() -> None:
+    # A loose budget over few steps: the answer lies well below sigma = 1.
+    kwargs: dict[str, Any] = dict(target_epsilon=20.0, target_delta=DELTA, sample_rate=0.5)
+    sigma = get_noise_multiplier(**kwargs, steps=3, accountant="rdp")
+    assert sigma < 0.5
+    assert 20.0 - 0.01 <= _epsilon("rdp", sigma, 0.5, 3) <= 20.0

@@ -209,3 +209,11 @@ def test_no_subsampling_matches_gaussian_closed_form() -> None:
     exact = phi(-epsilon / mu + mu / 2) - math.exp(epsilon) * phi(-epsilon / mu - mu / 2)
     assert exact <= 1e-5 * (1 + 1e-6)
     assert exact >= 1e-5 * 0.95  # tight: epsilon is barely above the exact one
+
+
+def test_composition_is_the_same_however_the_history_is_split_or_ordered() -> None:
+    # One circular FFT composes the whole history: splitting a run into pieces, or
+    # reordering entries, multiplies the same spectra and must not move epsilon.
+    whole = prv([(1.0, 0.01, 300), (2.0, 0.05, 40)]).get_epsilon(1e-6)
+    split = prv([(2.0, 0.05, 20), (1.0, 0.01, 100), (2.0, 0.05, 20), (1.0, 0.01, 200)])
+    assert split.get_epsilon(1e-6) == pytest.approx(whole, rel=1e-9)

@@ -19,7 +19,7 @@ from dptorch.accountants._validation import (
 from dptorch.accountants.registry import create_accountant
 from dptorch.errors import DPTypeError, DPValueError, DPWarning
 
-# Bisection also stops once the bracket is this narrow relative to sigma: the accountant's
+# The search also stops once the bracket is this narrow relative to sigma: the accountant's
 # epsilon may jump by more than epsilon_tolerance across an unresolvable change in sigma.
 _RELATIVE_PRECISION = 1e-6
 
@@ -51,9 +51,10 @@ def get_noise_multiplier(
 ) -> float:
     """Smallest noise multiplier whose epsilon, after the given steps, is at most a target.
 
-    Brackets sigma by doubling until epsilon <= ``target_epsilon``, then bisects. The
-    search stops when ``target_epsilon - epsilon_tolerance <= epsilon(sigma) <=
-    target_epsilon`` or when the bracket is narrower than a millionth of sigma.
+    Brackets sigma by halving or doubling from 1, then narrows the bracket by regula falsi
+    (Illinois variant) on log epsilon against log sigma. The search stops when
+    ``target_epsilon - epsilon_tolerance <= epsilon(sigma) <= target_epsilon`` or when the
+    bracket is narrower than a millionth of sigma.
 
     Args:
         target_epsilon: privacy budget epsilon, finite and > 0.
@@ -128,13 +129,19 @@ def get_noise_multiplier(
     def meets(eps: float) -> bool:
         return eps <= eps_target  # False for NaN: an unknown epsilon never meets a budget
 
-    # Bracket: epsilon(low) > target >= epsilon(high).
+    # Bracket: epsilon(low) > target >= epsilon(high). Walk down from sigma = 1 by halving
+    # rather than trying sigma_min at once: tiny sigmas are the slowest to analyse.
     high = min(max(1.0, low_limit), high_limit)
     eps_high = epsilon_at(high)
     if meets(eps_high):
-        low = low_limit
-        if high == low or meets(epsilon_at(low)):
-            return low_limit
+        while True:
+            if high <= low_limit:
+                return low_limit
+            low = max(0.5 * high, low_limit)
+            eps_low = epsilon_at(low)
+            if not meets(eps_low):
+                break
+            high, eps_high = low, eps_low
     else:
         while not meets(eps_high):
             if high >= high_limit:
@@ -146,17 +153,35 @@ def get_noise_multiplier(
                     "or train fewer steps or with a smaller sample_rate."
                     + (f" The accountant refused: {refusals[-1]}" if refusals else "")
                 )
-            low = high
+            low, eps_low = high, eps_high
             high = min(2 * high, high_limit)
             eps_high = epsilon_at(high)
 
+    # Shrink the bracket by regula falsi on log(epsilon) against log(sigma), where epsilon is
+    # close to a straight line, aimed at the middle of the accepted band. The Illinois rule
+    # (halve the weight of an end kept twice in a row) stops one end from stalling; an end
+    # without a finite epsilon (a refusal) falls back to bisection.
+    aim = eps_target - 0.5 * tolerance
+    weight_low = weight_high = 1.0
+    kept = ""
     while eps_target - eps_high > tolerance and high - low > _RELATIVE_PRECISION * high:
         mid = 0.5 * (low + high)
+        if 0 < eps_high < aim < eps_low < math.inf:
+            f_low = weight_low * math.log(eps_low / aim)  # > 0
+            f_high = weight_high * math.log(eps_high / aim)  # < 0
+            frac = f_low / (f_low - f_high)
+            margin = 1e-3 * (high - low)
+            guess = math.exp(math.log(low) + frac * math.log(high / low))
+            mid = min(max(guess, low + margin), high - margin)
         eps_mid = epsilon_at(mid)
         if meets(eps_mid):
-            high, eps_high = mid, eps_mid
+            high, eps_high, weight_high = mid, eps_mid, 1.0
+            weight_low = 0.5 * weight_low if kept == "low" else 1.0
+            kept = "low"
         else:
-            low = mid
+            low, eps_low, weight_low = mid, eps_mid, 1.0
+            weight_high = 0.5 * weight_high if kept == "high" else 1.0
+            kept = "high"
     return high
 
 

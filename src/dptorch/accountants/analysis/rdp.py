@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.special import gammaln, gammasgn, log_ndtr, logsumexp
+from scipy.special import gammaln, gammasgn, log_ndtr
 
 from dptorch.accountants._validation import (
     as_float,
@@ -178,7 +178,8 @@ def _log_a_integer(q: float, half_inv_var: float, alpha: int) -> float:
         + k * math.log(q)
         + log_expm1
     )
-    return float(np.logaddexp(0.0, logsumexp(log_terms)))
+    log_excess, _ = _signed_log_sum_exp(log_terms, np.ones_like(log_terms))  # log(A - 1)
+    return float(np.logaddexp(0.0, log_excess))
 
 
 def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
@@ -217,9 +218,8 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
     lo, hi = 0, max(64, 2 * math.ceil(alpha) + 2)
     while True:
         logs, signs = log_terms(np.arange(lo, hi + 1, dtype=np.float64))
-        chunk, chunk_sign = logsumexp(logs[:, :-1], b=signs[:, :-1], return_sign=True)
-        log_head, head_sign = logsumexp(
-            [log_head, chunk], b=[head_sign, chunk_sign], return_sign=True
+        log_head, head_sign = _signed_log_sum_exp(
+            np.append(logs[:, :-1], log_head), np.append(signs[:, :-1], head_sign)
         )
         log_tail_bound = float(np.logaddexp(logs[0, -1], logs[1, -1]))  # terms at index hi
         if head_sign <= 0 or hi >= _SERIES_MAX_TERMS:
@@ -236,3 +236,25 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
         # return an understated value if rounding ever made it so.
         return math.inf
     return float(np.logaddexp(log_head, log_tail_bound))
+
+
+def _signed_log_sum_exp(logs: np.ndarray, signs: np.ndarray) -> tuple[float, float]:
+    """``(log|S|, sign S)`` of ``S = sum(signs * exp(logs))``; ``(-inf, 1.0)`` if S == 0.
+
+    Written as ``S = s_k e^(l_k) (1 + rest)`` around the largest term k, with ``log1p(rest)``:
+    when S is within rounding of that term (A close to 1 for tiny q), this keeps the
+    relative precision of ``log S`` that ``log(sum)`` would lose.
+    """
+    k = int(np.argmax(logs))
+    top = float(logs[k])
+    if top == -math.inf:
+        return -math.inf, 1.0
+    scaled = signs * np.exp(logs - top)
+    scaled[k] = 0.0  # summed without term k, which would swamp the rest's low digits
+    rest = float(np.sum(scaled)) * float(signs[k])
+    if rest <= -1.0:
+        total = float(signs[k]) * (1.0 + rest)
+        if total == 0:
+            return -math.inf, 1.0
+        return top + math.log(abs(total)), math.copysign(1.0, total)
+    return top + math.log1p(rest), float(signs[k])
