@@ -47,3 +47,12 @@ test-slow: venv
 bench-accounting: venv
 	$(BIN)/python -m pip install --no-deps opacus==1.6.0 opt_einsum
 	$(BIN)/python benchmarks/accounting.py
+
+# Training-step speed and memory: plain PyTorch, dptorch's norm routes and Opacus 1.6, each
+# configuration in a fresh process. Same optional Opacus install as bench-accounting.
+# BENCH_ARGS passes options, e.g. `make bench BENCH_ARGS="--quick --models mlp,cnn"`.
+BENCH_ARGS ?=
+.PHONY: bench
+bench: venv
+	$(BIN)/python -m pip install --no-deps opacus==1.6.0 opt_einsum
+	$(BIN)/python benchmarks/training.py $(BENCH_ARGS)

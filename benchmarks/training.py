@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -56,6 +57,14 @@ MODES = (
     "opacus-ghost",
 )
 RESULT_TAG = "RESULT "
+# Slow configurations get fewer timed steps: about STEP_BUDGET_S of timed stepping, but never
+# fewer than MIN_STEPS. Warm-up stops early (after at least one step) past WARMUP_BUDGET_S.
+STEP_BUDGET_S = 40.0
+MIN_STEPS = 5
+WARMUP_BUDGET_S = 15.0
+# A row is marked "(contended)" when other processes kept more cores than this busy on
+# average while it was timed (the machine is shared; see ``other_busy_cores``).
+CONTENDED_CORES = 0.3
 
 
 # -- models ------------------------------------------------------------------------------
@@ -148,7 +157,10 @@ class GPTBlockLM(nn.Module):
         self.head = nn.Linear(dim, vocab)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Positions as [B, T]: per-sample engines need every layer to see the batch. Contiguous
+        # because Opacus's ghost embedding norm calls .view on the indices.
         positions = torch.arange(tokens.shape[1], device=tokens.device)
+        positions = positions.expand_as(tokens).contiguous()
         h = self.tokens(tokens) + self.positions(positions)  # [B, T, d]
         h = h + self.attention(self.norm1(h))
         h = h + self.mlp(self.norm2(h))
@@ -267,8 +279,9 @@ def _prepare(model_name: str, mode: str) -> tuple[Callable[[], Any], dict[str, A
     criterion = spec.criterion()
     loader = DataLoader(FixedSizeDataset(x, y, DATASET_SIZE), batch_size=len(x))
     notes: dict[str, Any] = {"batch_size": len(x), "sample_rate": len(x) / DATASET_SIZE}
-    private = {"noise_multiplier": NOISE_MULTIPLIER, "max_grad_norm": MAX_GRAD_NORM}
+    private: dict[str, Any] = {"noise_multiplier": NOISE_MULTIPLIER, "max_grad_norm": MAX_GRAD_NORM}
     accountant: Any = None
+    optimizer: torch.optim.Optimizer
 
     if mode.startswith("dptorch-"):
         import dptorch
@@ -357,13 +370,15 @@ def run_worker(model_name: str, mode: str, steps: int, warmup: int) -> dict[str,
         method, before = "VmHWM reset via /proc/self/clear_refs", _rss_kib("VmRSS")
     else:
         method, before = "ru_maxrss after - before", _maxrss_kib()
-    times = []
+    busy_before, own_before = _machine_busy_s(), _own_cpu_s()
+    times: list[float] = []
     try:
-        for i in range(warmup + steps):
-            start = time.perf_counter()
-            step()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+        warm = _timed_steps(step, warmup, budget_s=WARMUP_BUDGET_S)
+        if warm[-1] * steps > STEP_BUDGET_S:
+            steps = max(MIN_STEPS, int(STEP_BUDGET_S / warm[-1]))
+        started = time.perf_counter()
+        times = _timed_steps(step, steps, budget_s=math.inf)
+        elapsed = time.perf_counter() - started
     except Exception as error:
         result["error"] = f"step {len(times)}: {type(error).__name__}: {error}"
         result["traceback_tail"] = traceback.format_exc().splitlines()[-6:]
@@ -372,7 +387,9 @@ def run_worker(model_name: str, mode: str, steps: int, warmup: int) -> dict[str,
     quartiles = statistics.quantiles(times, n=4)
     result |= {
         "steps": steps,
-        "warmup": warmup,
+        "warmup": len(warm),
+        "warmup_ms": [t * 1e3 for t in warm],
+        "times_ms": [t * 1e3 for t in times],
         "median_ms": statistics.median(times) * 1e3,
         "iqr_ms": (quartiles[2] - quartiles[0]) * 1e3,
         "min_ms": min(times) * 1e3,
@@ -380,10 +397,60 @@ def run_worker(model_name: str, mode: str, steps: int, warmup: int) -> dict[str,
         "peak_growth_mb": ((after or 0) - (before or 0)) / 1024,
         "peak_rss_mb": (_rss_kib("VmHWM") or _maxrss_kib()) / 1024,
         "memory_method": method,
+        # Contention on this shared machine: CPU cores that OTHER processes kept busy, on
+        # average, during the timed steps (machine busy time minus this process's own).
+        "other_busy_cores": _other_busy_cores(busy_before, own_before, elapsed),
     }
     if accountant is not None:
-        result["accountant_steps"] = len(getattr(accountant, "history", []) or [])
+        history = getattr(accountant, "history", None) or []
+        result["accountant_history"] = [list(entry) for entry in history]
     return result
+
+
+def _timed_steps(step: Callable[[], Any], count: int, budget_s: float) -> list[float]:
+    """Seconds per step for ``count`` steps, stopping early (after one) past ``budget_s``."""
+    times: list[float] = []
+    begin = time.perf_counter()
+    while len(times) < max(count, 1) and (not times or time.perf_counter() - begin < budget_s):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds all processes have spent busy since boot (``/proc/stat``), or ``None``."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _other_busy_cores(busy_before: float | None, own_before: float, seconds: float) -> float | None:
+    busy_after = _machine_busy_s()
+    if busy_before is None or busy_after is None or seconds <= 0:
+        return None
+    others = (busy_after - busy_before) - (_own_cpu_s() - own_before)
+    return max(0.0, others / seconds)
+
+
+def _wait_for_quiet(limit_s: float, threshold_cores: float = 0.5) -> float:
+    """Wait (up to ``limit_s``) until other processes use under ``threshold_cores``."""
+    begin = time.perf_counter()
+    while time.perf_counter() - begin < limit_s:
+        before = _machine_busy_s()
+        time.sleep(0.5)
+        after = _machine_busy_s()
+        if before is None or after is None or (after - before) / 0.5 < threshold_cores:
+            break
+    return time.perf_counter() - begin
 
 
 def _maxrss_kib() -> int:
@@ -427,10 +494,11 @@ def _opacus_available() -> str | None:
 
 
 def _git(*args: str) -> str:
+    """Read-only git output (unstripped: ``status --porcelain`` lines start with a space)."""
     try:
         return subprocess.run(
             ["git", *args], capture_output=True, text=True, check=True, cwd=RESULTS.parent
-        ).stdout.strip()
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -453,23 +521,27 @@ def _ratio(value: float | None, reference: float | None) -> str:
 
 def _table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | mode | median ms | IQR ms | vs plain | vs Opacus best | peak growth MB |",
-        "|---|---|---|---|---|---|---|",
+        "| model | mode | median ms | IQR ms | steps | vs plain | vs Opacus best | peak growth MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
         plain = next((r.get("median_ms") for r in rows if r["mode"] == "plain"), None)
-        opacus = [r["median_ms"] for r in rows if r["mode"].startswith("opacus") and "median_ms" in r]
+        opacus = [
+            r["median_ms"] for r in rows if r["mode"].startswith("opacus") and "median_ms" in r
+        ]
         best = min(opacus) if opacus else None
         for r in rows:
             if "median_ms" not in r:
                 reason = r.get("error") or r.get("skipped", "")
                 reason = reason.replace("|", "/").replace("\n", " ")
                 reason = reason if len(reason) <= 160 else reason[:157] + "..."
-                lines.append(f"| {model} | {r['mode']} | failed: {reason} | | | | |")
+                lines.append(f"| {model} | {r['mode']} | failed: {reason} | | | | | |")
                 continue
+            busy = r.get("other_busy_cores") or 0.0
+            mark = " (contended)" if busy > CONTENDED_CORES else ""
             lines.append(
-                f"| {model} | {r['mode']} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | "
+                f"| {model} | {r['mode']}{mark} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | {r['steps']} | "
                 f"{_ratio(r['median_ms'], plain)} | {_ratio(r['median_ms'], best)} | "
                 f"{r['peak_growth_mb']:.0f} |"
             )
@@ -477,6 +549,9 @@ def _table(results: list[dict[str, Any]]) -> str:
 
 
 def run_all(models: list[str], quick: bool, timeout: float) -> None:
+    """Run every mode of ``models``; a full default run writes ``training.json``/``.md``,
+    a ``--quick`` or ``--models`` subset writes ``training.partial.*`` so it never replaces
+    the published table."""
     steps, warmup = _plan(quick)
     opacus_version = _opacus_available()
     results: list[dict[str, Any]] = []
@@ -486,7 +561,9 @@ def run_all(models: list[str], quick: bool, timeout: float) -> None:
             if mode.startswith("opacus") and opacus_version is None:
                 results.append({"model": model, "mode": mode, "skipped": "opacus not installed"})
                 continue
+            waited = _wait_for_quiet(limit_s=0 if quick else 30)
             result = _run_config(model, mode, steps, warmup, timeout)
+            result["waited_for_quiet_s"] = waited
             results.append(result)
             shown = (
                 f"{result['median_ms']:.1f} ms (IQR {result['iqr_ms']:.1f}), "
@@ -497,7 +574,8 @@ def run_all(models: list[str], quick: bool, timeout: float) -> None:
             print(f"{model:12s} {mode:20s} {shown}", flush=True)
     total = time.perf_counter() - started
     dirty = [line[3:] for line in _git("status", "--porcelain").splitlines() if line]
-    meta = {
+    commit = _git("rev-parse", "HEAD").strip() or "unknown"
+    meta: dict[str, Any] = {
         "machine": platform.platform(),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
@@ -505,7 +583,7 @@ def run_all(models: list[str], quick: bool, timeout: float) -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "opacus": opacus_version,
-        "commit": _git("rev-parse", "HEAD"),
+        "commit": commit,
         "uncommitted_changes": dirty,
         "quick": quick,
         "steps": steps,
@@ -518,17 +596,20 @@ def run_all(models: list[str], quick: bool, timeout: float) -> None:
     }
     table = _table(results)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "training.json").write_text(
+    stem = "training" if not quick and models == list(MODELS) else "training.partial"
+    (RESULTS / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
     )
     header = (
-        f"Training-step benchmark: commit {meta['commit'][:10]}"
+        f"Training-step benchmark: commit {commit[:10]}"
         f"{' (with uncommitted changes)' if dirty else ''}, torch {meta['torch']}, "
         f"opacus {opacus_version or 'absent'}, {meta['cpu']}, {THREADS} threads, "
-        f"{steps} timed steps after {warmup} warm-up, fresh process each; "
+        f"{steps} timed steps after {warmup} warm-up (fewer, at least {MIN_STEPS}, where "
+        f"{steps} steps would pass {STEP_BUDGET_S:.0f} s; see the steps column), fresh process "
+        "each; "
         f"total {total / 60:.1f} min.\n"
     )
-    (RESULTS / "training.md").write_text(f"{header}\n{table}\n")
+    (RESULTS / f"{stem}.md").write_text(f"{header}\n{table}\n")
     print(f"\n{table}\n\ntotal {total:.0f} s")
 
 
@@ -563,7 +644,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = run_worker(*args.worker, steps=args.steps, warmup=args.warmup)
+        model_name, mode = args.worker
+        result = run_worker(model_name, mode, steps=args.steps, warmup=args.warmup)
         print(RESULT_TAG + json.dumps(result), flush=True)
         return
     models = [m.strip() for m in args.models.split(",") if m.strip()]
