@@ -197,6 +197,11 @@ CASES: list[LayerCase] = [
         "fallback_conv_transpose", lambda: nn.ConvTranspose1d(2, 3, 3, stride=2), _randn(2, 5)
     ),
     LayerCase("multihead_attention", Attention, _randn(4, 8)),
+    LayerCase(
+        "transformer_encoder_layer",
+        lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+        _randn(4, 8),
+    ),
     LayerCase("fallback_lstm", lambda: Recurrent(nn.LSTM), _randn(3, 4), dtype=torch.float32),
     LayerCase("tied_embedding", TiedLM, _tokens(13, 5)),
     LayerCase("called_twice_and_unused", TwiceCalled, _randn(5)),

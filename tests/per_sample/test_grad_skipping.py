@@ -69,3 +69,17 @@ def test_detach_removes_the_pre_hooks_too() -> None:
     assert not is_captured(model)
     model(torch.randn(2, 4)).sum().backward()
     assert model[0].weight.grad is not None  # plain autograd again
+
+
+def test_attention_with_dropout_trains_through_the_torch_func_fallback() -> None:
+    # torch.func redraws dropout masks per example, so its per-sample gradients differ from
+    # autograd's by design; the first-step check must not mistake that for a foreign use.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True))
+    optimizer = _private(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(5, 3, 8)).pow(2).mean().backward()
+        optimizer.step()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
