@@ -179,16 +179,28 @@ class DPOptimizer(Optimizer):
         """Set every trainable ``p.grad`` to its noisy, normalised clipped sum."""
         std = self.noise_multiplier * self.clipping.sensitivity
         divisor = self.expected_batch_size if self.loss_reduction == "mean" else 1.0
-        for param in self.trainable_parameters():
-            total = clipped.sums.get(param)
-            dtype = noise_dtype(param.dtype)
-            noisy = gaussian_noise(
-                param.shape, std=std, dtype=dtype, device=param.device, generator=self.generator
+        params = self.trainable_parameters()
+        # One draw per (device, dtype) group, split into per-parameter views: one kernel
+        # instead of one per parameter. Every coordinate still gets its own N(0, std^2).
+        groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+        for param in params:
+            groups.setdefault((param.device, noise_dtype(param.dtype)), []).append(param)
+        for (device, dtype), members in groups.items():
+            sizes = [p.numel() for p in members]
+            flat = gaussian_noise(
+                torch.Size([sum(sizes)]),
+                std=std,
+                dtype=dtype,
+                device=device,
+                generator=self.generator,
             )
-            if total is not None:
-                noisy = noisy + total.to(dtype)
-            param.grad = (noisy / divisor).to(param.dtype)
-            self.engine.note_released(param, param.grad)
+            for param, noise in zip(members, flat.split(sizes), strict=True):
+                noisy = noise.view(param.shape)
+                total = clipped.sums.get(param)
+                if total is not None:
+                    noisy = noisy + total.to(dtype)
+                param.grad = (noisy / divisor).to(param.dtype)
+                self.engine.note_released(param, param.grad)
 
 
 def _stats(clipped: ClippedBatch) -> StepStats:
