@@ -235,7 +235,6 @@ class PerSampleEngine:
 
     def _check_no_foreign_gradients(self) -> None:
         """Parameters whose autograd gradient is skipped must not have received any."""
-        names = {p: name for name, p in self.module.named_parameters()}
         problems = []
         for param in self._skipped:
             grad = param.grad
@@ -245,9 +244,11 @@ class PerSampleEngine:
             if released is not None and grad is released[0] and grad._version == released[1]:
                 continue  # the optimizer's own last release, untouched
             if bool(grad.any()):
-                problems.append(names.get(param, "<unnamed parameter>"))
-        if problems:
-            raise DPValueError(_FOREIGN_GRADIENT_MESSAGE.format(", ".join(sorted(problems))))
+                problems.append(param)
+        if problems:  # names are looked up only here, off the per-step path
+            names = {p: name for name, p in self.module.named_parameters()}
+            shown = sorted(names.get(p, "<unnamed parameter>") for p in problems)
+            raise DPValueError(_FOREIGN_GRADIENT_MESSAGE.format(", ".join(shown)))
 
 
 _FOREIGN_GRADIENT_MESSAGE = (
