@@ -25,7 +25,7 @@ from dptorch.per_sample.rules import (
     owned_parameters,
     rule_for,
 )
-from dptorch.per_sample.terms import GradTerm, NormRoute, combined_norm_sq
+from dptorch.per_sample.terms import GradTerm, NormRoute, combined_norm_sq, merge_positions
 
 LossReduction = Literal["mean", "sum"]
 
@@ -190,7 +190,7 @@ class PerSampleEngine:
         for record in records:
             for term in rule_for(record.module)(record.module, record, self._context):
                 by_param.setdefault(term.param, []).append(term)
-        return by_param
+        return {param: merge_positions(terms) for param, terms in by_param.items()}
 
     def _verify_against_autograd(
         self, by_param: dict[Tensor, list[GradTerm]], records: list[CallRecord]

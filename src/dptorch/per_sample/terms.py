@@ -225,6 +225,49 @@ class OuterTerm:
 GradTerm = DenseTerm | OuterTerm
 
 
+def merge_positions(terms: list[GradTerm]) -> list[GradTerm]:
+    """Fuse outer-product terms of one parameter that differ only in their positions.
+
+    ``sum_k sum_t rows^k_t (x) cols^k_t`` is one outer-product term over the concatenated
+    positions, so the calls of a layer applied step by step (a recurrent cell, a layer reused
+    T times) become one term: one ghost Gram or one instantiation and one weighted-sum
+    contraction instead of ``T^2`` pairwise inner products or ``T`` contractions. Exact, so
+    the clipped sum is unchanged.
+    """
+    if len(terms) < 2:
+        return terms
+    groups: dict[tuple[object, ...], list[OuterTerm]] = {}
+    kept: list[GradTerm] = []
+    for term in terms:
+        key = _merge_key(term)
+        if key is None:
+            kept.append(term)
+        else:
+            groups.setdefault(key, []).append(term)  # type: ignore[arg-type]
+    for group in groups.values():
+        kept.append(group[0] if len(group) == 1 else _concat_positions(group))
+    return kept
+
+
+def _merge_key(term: GradTerm) -> tuple[object, ...] | None:
+    if not isinstance(term, OuterTerm):
+        return None
+    b, g, _, c = term.cols.shape
+    if isinstance(term.rows, IndexRows):
+        return ("index", b, c, term.rows.size, term.rows.ignore, term.cols.dtype)
+    return ("dense", b, g, term.row_size, c, term.cols.dtype, term.rows.dtype)
+
+
+def _concat_positions(group: list[OuterTerm]) -> OuterTerm:
+    first = group[0]
+    cols = torch.cat([t.cols for t in group], dim=2)
+    if isinstance(first.rows, IndexRows):
+        index = torch.cat([t.rows.index for t in group], dim=1)  # type: ignore[union-attr]
+        return OuterTerm(first.param, IndexRows(index, first.rows.size, first.rows.ignore), cols)
+    rows = torch.cat([t.rows for t in group], dim=2)  # type: ignore[misc]
+    return OuterTerm(first.param, rows, cols)
+
+
 def combined_norm_sq(terms: list[GradTerm], route: NormRoute = "auto") -> Tensor:
     """Per-example squared norm of the SUM of several terms of one parameter."""
     if len(terms) == 1:
