@@ -13,7 +13,7 @@ they would mix examples of different logical batches under one noise draw.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,10 @@ class CallRecord:
         grads: the gradient of each hooked output (``None`` until backward reaches it).
         backward_passes: numbers of the backward passes that produced gradients for it (more
             than one means gradients of several passes; only the last is kept).
+        terms: what the capture's ``on_complete`` callback made of the call once all its
+            output gradients had arrived (the engine's per-sample terms); the inputs and
+            gradients are then dropped, so they are freed as the backward pass goes on,
+            exactly as in non-private training.
     """
 
     module: nn.Module
@@ -49,10 +53,21 @@ class CallRecord:
     output_positions: list[int]
     grads: list[Tensor | None] = field(default_factory=list)
     backward_passes: set[int] = field(default_factory=set)
+    terms: list[Any] | None = None
 
     @property
     def has_grad(self) -> bool:
-        return any(g is not None for g in self.grads)
+        return self.terms is not None or any(g is not None for g in self.grads)
+
+    @property
+    def complete(self) -> bool:
+        return all(g is not None for g in self.grads)
+
+    def release(self, terms: list[Any]) -> None:
+        """Keep ``terms`` and drop the inputs and gradients they were computed from."""
+        self.terms = terms
+        self.args, self.kwargs = (), {}
+        self.grads = [None] * len(self.grads)
 
 
 def _detach(value: Any) -> Any:
@@ -62,8 +77,13 @@ def _detach(value: Any) -> Any:
 class ActivationCapture:
     """Hooks a set of modules and collects a :class:`CallRecord` per forward call."""
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        on_complete: Callable[[CallRecord], None] | None = None,
+    ) -> None:
         self._modules = modules
+        self._on_complete = on_complete
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._enabled = True
         self._pass_counter = 0
@@ -124,11 +144,15 @@ class ActivationCapture:
 
     def _grad_hook(self, record: CallRecord, slot: int) -> Any:
         def on_grad(grad: Tensor) -> None:
-            record.grads[slot] = grad.detach()
             record.backward_passes.add(self._pass_counter)
             if not self._end_of_pass_queued:
                 self._end_of_pass_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_pass)
+            if record.terms is not None:
+                return  # a later pass through a retained graph; the engine refuses the step
+            record.grads[slot] = grad.detach()
+            if self._on_complete is not None and record.complete:
+                self._on_complete(record)
 
         return on_grad
 

@@ -110,8 +110,8 @@ class PerSampleEngine:
         self.norm_route = norm_route
         self._verify_pending = verify
         captured = modules_to_capture(module, self.trainable)
-        self.capture = ActivationCapture(captured)
-        self._context = RuleContext(batch_first, self.trainable, self.capture)
+        self.capture = ActivationCapture(captured, on_complete=self._evaluate_early)
+        self._context = RuleContext(batch_first, self.trainable, self.capture, norm_route)
         swaps = {
             m: [n for n, p in m._parameters.items() if p is not None and p in self.trainable]
             for m in captured.values()
@@ -156,8 +156,9 @@ class PerSampleEngine:
                 f"{len(passes)} backward passes ran since the last optimizer.step(). Accumulating "
                 "gradients over several backward passes would put several batches under one "
                 "noise draw and one accounting step. Call optimizer.step() after each backward "
-                "(splitting one logical batch into physical ones is BatchMemoryManager's job, "
-                "which this version does not have yet)."
+                "(to split one logical batch into physical ones, iterate inside "
+                "`with dptorch.BatchMemoryManager(data_loader=..., max_physical_batch_size=..., "
+                "optimizer=...) as loader:`, which gives the whole logical batch one step)."
             )
         by_param = self._terms_by_parameter(records)
         batch = _common_batch_size(by_param, records)
@@ -185,10 +186,24 @@ class PerSampleEngine:
     def _any_double(self) -> bool:
         return any(p.dtype == torch.float64 for p in self._ordered)
 
+    def _evaluate_early(self, record: CallRecord) -> None:
+        """Turn a dedicated-rule call into terms as soon as its output gradient arrives.
+
+        Runs inside the backward pass (grad mode off), so the layer's input and output
+        gradient are released as early as in non-private training instead of living until
+        ``optimizer.step()``; instantiated terms keep only the ``[B, *param]`` gradients.
+        Fallback (``torch.func``) calls wait for the step: they re-run a forward.
+        """
+        if has_dedicated_rule(record.module):
+            record.release(rule_for(record.module)(record.module, record, self._context))
+
     def _terms_by_parameter(self, records: list[CallRecord]) -> dict[Tensor, list[GradTerm]]:
         by_param: dict[Tensor, list[GradTerm]] = {}
         for record in records:
-            for term in rule_for(record.module)(record.module, record, self._context):
+            terms = record.terms
+            if terms is None:
+                terms = rule_for(record.module)(record.module, record, self._context)
+            for term in terms:
                 by_param.setdefault(term.param, []).append(term)
         return {param: merge_positions(terms) for param, terms in by_param.items()}
 

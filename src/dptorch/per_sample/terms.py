@@ -60,7 +60,13 @@ class DenseTerm:
         return (flat * flat).sum(dim=1)
 
     def weighted_sum(self, factors: Tensor, sanitize: bool = False) -> Tensor:
-        return scale_samples(self.grad_sample, factors, sanitize).sum(dim=0)
+        if sanitize:
+            return scale_samples(self.grad_sample, factors, sanitize).sum(dim=0)
+        # One matrix-vector product: no scaled [B, *shape] copy.
+        flat = factors.to(self.grad_sample.dtype) @ self.grad_sample.reshape(
+            self.batch_size, self.param.numel()
+        )
+        return flat.view(self.param.shape)
 
 
 @dataclass(eq=False)

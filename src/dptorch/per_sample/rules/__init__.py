@@ -10,10 +10,12 @@ from __future__ import annotations
 from torch import nn
 
 from dptorch.errors import DPTypeError
+from dptorch.per_sample.rules.appended_position import appended_position_rule
 from dptorch.per_sample.rules.base import Rule, RuleContext
 from dptorch.per_sample.rules.conv import conv_rule
 from dptorch.per_sample.rules.embedding import embedding_rule
 from dptorch.per_sample.rules.functional import SUBTREE_OWNERS, functional_rule, owned_parameters
+from dptorch.per_sample.rules.hf_conv1d import hf_conv1d_rule
 from dptorch.per_sample.rules.linear import linear_rule
 from dptorch.per_sample.rules.normalization import (
     group_norm_rule,
@@ -34,7 +36,18 @@ _BUILTIN_RULES: dict[type[nn.Module], Rule] = {
     nn.InstanceNorm2d: instance_norm_rule,
     nn.InstanceNorm3d: instance_norm_rule,
 }
+# Layer types defined outside per_sample, looked up by "module.qualname" (still an exact
+# type, not isinstance), so that importing dptorch imports neither transformers (seconds)
+# nor dptorch.layers.
+_RULES_BY_NAME: dict[str, Rule] = {
+    "transformers.pytorch_utils.Conv1D": hf_conv1d_rule,
+    "dptorch.layers.attention.AppendedPosition": appended_position_rule,
+}
 _custom_rules: dict[type[nn.Module], Rule] = {}
+
+
+def _named_rule(kind: type[nn.Module]) -> Rule | None:
+    return _RULES_BY_NAME.get(f"{kind.__module__}.{kind.__qualname__}")
 
 
 def register_rule(module_type: type[nn.Module], rule: Rule, *, overwrite: bool = False) -> None:
@@ -57,12 +70,14 @@ def register_rule(module_type: type[nn.Module], rule: Rule, *, overwrite: bool =
 def rule_for(module: nn.Module) -> Rule:
     """The rule for ``module``: a registered one, a built-in one, else the torch.func fallback."""
     kind = type(module)
-    return _custom_rules.get(kind) or _BUILTIN_RULES.get(kind) or functional_rule
+    return (
+        _custom_rules.get(kind) or _BUILTIN_RULES.get(kind) or _named_rule(kind) or functional_rule
+    )
 
 
 def has_dedicated_rule(module: nn.Module) -> bool:
     kind = type(module)
-    return kind in _custom_rules or kind in _BUILTIN_RULES
+    return kind in _custom_rules or kind in _BUILTIN_RULES or _named_rule(kind) is not None
 
 
 __all__ = [

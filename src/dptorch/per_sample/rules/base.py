@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from dptorch.errors import DPValueError
 from dptorch.per_sample.capture import ActivationCapture, CallRecord
-from dptorch.per_sample.terms import GradTerm
+from dptorch.per_sample.terms import GradTerm, NormRoute
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,15 @@ class RuleContext:
             always take the batch first, as in PyTorch).
         trainable: the parameters that get private gradients; rules skip all others.
         capture: the capture, so a rule that re-runs a forward can pause it.
+        norm_route: the engine's route setting, for rules whose ghost and instantiated forms
+            need different factors (convolution); rules returning outer-product terms can
+            ignore it, the terms choose for themselves.
     """
 
     batch_first: bool
     trainable: frozenset[Tensor]
     capture: ActivationCapture
+    norm_route: NormRoute = "auto"
 
     def wants(self, param: Tensor | None) -> bool:
         return param is not None and param in self.trainable

@@ -1,9 +1,19 @@
-"""Per-sample gradients of ``nn.Conv1d/2d/3d`` on unfolded input patches.
+"""Per-sample gradients of ``nn.Conv1d/2d/3d``.
 
-A convolution is a Linear layer applied at every output position ``p`` to the input patch
-under the kernel, so ``g_i = sum_p G[i, :, p] (x) patch[i, p]`` per group. Patches are built
-with the module's own padding (numbers, ``"same"``, ``"valid"``, any ``padding_mode``),
-stride and dilation, so they match exactly what the forward used.
+Two exact forms, chosen per call by cost:
+
+* **Instantiated, by a grouped convolution.** The per-example weight gradients of a batch
+  are the weight gradient of ONE convolution whose groups are the examples: fold the batch
+  into the channels (``[1, B*C_in, ...]``), ask autograd's convolution kernel for the weight
+  gradient of a ``B * groups``-group convolution, and read it as ``[B, *weight.shape]``. Same
+  arithmetic as the ordinary weight gradient (which is skipped), no patch matrix.
+* **Ghost, on unfolded patches.** A convolution is a Linear layer applied at every output
+  position ``p`` to the input patch under the kernel, so ``g_i = sum_p G[i, :, p] (x)
+  patch[i, p]`` per group: an outer-product term. Cheaper only when the output has few
+  positions (the Gram matrices are ``P x P``).
+
+Patches and the folded convolution use the module's own padding (numbers, ``"same"``,
+``"valid"``, any ``padding_mode``), stride and dilation, so they match the forward exactly.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -58,21 +69,78 @@ def unfold_patches(x: Tensor, conv: ConvNd) -> Tensor:
     return patches.reshape(batch, positions, channels * math.prod(conv.kernel_size))
 
 
+def _explicit_padding(conv: ConvNd) -> list[int] | None:
+    """Symmetric zero padding per dimension, or ``None`` if it needs an explicit pad."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    return [int(p) for p in conv.padding]
+
+
+def per_sample_conv_weight_grads(x: Tensor, grad: Tensor, conv: ConvNd) -> Tensor:
+    """``[B, *conv.weight.shape]``: each example's weight gradient, by one grouped kernel.
+
+    Args:
+        x: the layer's input ``[B, C_in, *spatial]``.
+        grad: the gradient of its output ``[B, C_out, *out_spatial]``.
+        conv: the layer (its stride, padding, dilation and groups).
+    """
+    batch = x.shape[0]
+    padding = _explicit_padding(conv)
+    if padding is None:
+        x, padding = _padded_input(x, conv), [0] * len(conv.kernel_size)
+    weight_shape = conv.weight.shape
+    folded_weight = [batch * weight_shape[0], *weight_shape[1:]]
+    # Only the weight's shape matters for the weight gradient; a zero-stride view avoids
+    # allocating B copies of the weight.
+    shape_only = x.new_empty(()).expand(folded_weight)
+    _, weight_grad, _ = torch.ops.aten.convolution_backward(
+        grad.reshape(1, batch * grad.shape[1], *grad.shape[2:]),
+        x.reshape(1, batch * x.shape[1], *x.shape[2:]),
+        shape_only,
+        None,
+        list(conv.stride),
+        padding,
+        list(conv.dilation),
+        False,
+        [0] * len(conv.kernel_size),
+        batch * conv.groups,
+        [False, True, False],
+    )
+    return weight_grad.view(batch, *weight_shape)
+
+
+def _ghost_is_cheaper(conv: ConvNd, positions: int) -> bool:
+    """Ghost Gram cost ``P^2 (C_out + C_in K) / g`` against the grouped kernel's
+    ``P C_out C_in K / g`` per example, with the unfold copy counted against the ghost."""
+    patch = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+    out = conv.out_channels // conv.groups
+    ghost = positions * positions * (out + patch) + 2 * positions * patch
+    return ghost < 0.5 * positions * out * patch
+
+
 def conv_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> list[GradTerm]:
     assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
-    x, grad = input_and_grad(record)
-    x, grad = compute_dtype(x), compute_dtype(grad)
+    x, out_grad = input_and_grad(record)
+    x, out_grad = compute_dtype(x), compute_dtype(out_grad)
     batch, groups = x.shape[0], module.groups
     out_channels = module.out_channels
-    positions = math.prod(grad.shape[2:])  # explicit: -1 is ambiguous when B = 0
-    grad = grad.reshape(batch, out_channels, positions)  # [B, C_out, P]
+    positions = math.prod(out_grad.shape[2:])  # explicit: -1 is ambiguous when B = 0
+    grad = out_grad.reshape(batch, out_channels, positions)  # [B, C_out, P]
     terms: list[GradTerm] = []
     if ctx.wants(module.weight):
-        patches = unfold_patches(x, module)  # [B, P, C_in * K]
-        per_group = patches.shape[2] // groups
-        cols = patches.reshape(batch, positions, groups, per_group).transpose(1, 2)  # [B, g, P, C]
-        rows = grad.reshape(batch, groups, out_channels // groups, positions).transpose(2, 3)
-        terms.append(OuterTerm(module.weight, rows=rows, cols=cols))
+        ghost = ctx.norm_route == "ghost" or (
+            ctx.norm_route == "auto" and _ghost_is_cheaper(module, positions)
+        )
+        if not ghost and batch > 0:
+            terms.append(
+                DenseTerm(module.weight, per_sample_conv_weight_grads(x, out_grad, module))
+            )
+        else:
+            patches = unfold_patches(x, module)  # [B, P, C_in * K]
+            per_group = patches.shape[2] // groups
+            cols = patches.reshape(batch, positions, groups, per_group).transpose(1, 2)
+            rows = grad.reshape(batch, groups, out_channels // groups, positions).transpose(2, 3)
+            terms.append(OuterTerm(module.weight, rows=rows, cols=cols))  # [B, g, P, *]
     if module.bias is not None and ctx.wants(module.bias):
         terms.append(DenseTerm(module.bias, grad.sum(dim=2)))
     return terms

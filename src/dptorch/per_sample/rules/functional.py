@@ -45,6 +45,8 @@ def functional_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> 
         (i, g) for i, g in zip(record.output_positions, record.grads, strict=True) if g is not None
     ]
     batch = grads[0][1].shape[batch_dim]
+    if batch == 0:  # an empty Poisson batch: vmap cannot map over zero examples
+        return [DenseTerm(p, p.detach().new_zeros((0, *p.shape))) for _, p in owned]
     leaves, spec = tree_flatten((record.args, record.kwargs))
     batched = [
         isinstance(leaf, Tensor) and leaf.dim() > batch_dim and leaf.shape[batch_dim] == batch
