@@ -268,10 +268,11 @@ def _concat_positions(group: list[OuterTerm]) -> OuterTerm:
     first = group[0]
     cols = torch.cat([t.cols for t in group], dim=2)
     if isinstance(first.rows, IndexRows):
-        index = torch.cat([t.rows.index for t in group], dim=1)  # type: ignore[union-attr]
+        indices = [t.rows.index for t in group if isinstance(t.rows, IndexRows)]
+        index = torch.cat(indices, dim=1)  # [B, sum T]
         return OuterTerm(first.param, IndexRows(index, first.rows.size, first.rows.ignore), cols)
-    rows = torch.cat([t.rows for t in group], dim=2)  # type: ignore[misc]
-    return OuterTerm(first.param, rows, cols)
+    dense = [t.rows for t in group if isinstance(t.rows, Tensor)]
+    return OuterTerm(first.param, torch.cat(dense, dim=2), cols)
 
 
 def combined_norm_sq(terms: list[GradTerm], route: NormRoute = "auto") -> Tensor:
