@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from dptorch.errors import DPValueError, TrainingLoopError
 from dptorch.per_sample.capture import ActivationCapture, CallRecord
 from dptorch.per_sample.grad_skipping import ParameterGradSkipper
+from dptorch.per_sample.grouping import check_group_size, group_rows
 from dptorch.per_sample.rules import (
     SUBTREE_OWNERS,
     RuleContext,
@@ -86,6 +87,9 @@ class PerSampleEngine:
             others force one route (for tests and benchmarks).
         verify: check once, on the first non-empty batch, that the captured per-sample
             gradients add up to autograd's gradient for every parameter.
+        augmentation_multiplicity: ``K`` consecutive batch rows per example (its
+            augmentations); the example's gradient is the mean over its rows, clipped as one
+            (see :mod:`dptorch.per_sample.grouping`). 1 means one row per example.
 
     Privacy: the norms and sums are exact functions of each example's own gradient, so the
     clipped sum has the sensitivity the clipping policy states, whatever the route.
@@ -101,7 +105,14 @@ class PerSampleEngine:
         norm_route: NormRoute = "auto",
         verify: bool = True,
         skip_param_grads: bool = True,
+        augmentation_multiplicity: int = 1,
     ) -> None:
+        if not isinstance(augmentation_multiplicity, int) or augmentation_multiplicity < 1:
+            raise DPValueError(
+                f"augmentation_multiplicity={augmentation_multiplicity!r} must be a positive "
+                "integer: the number of consecutive batch rows (augmentations) per example."
+            )
+        self.augmentation_multiplicity = augmentation_multiplicity
         self.module = module
         self.trainable = frozenset(trainable)
         self._ordered = [p for p in module.parameters() if p in self.trainable]
@@ -161,8 +172,16 @@ class PerSampleEngine:
                 "optimizer=...) as loader:`, which gives the whole logical batch one step)."
             )
         by_param = self._terms_by_parameter(records)
-        batch = _common_batch_size(by_param, records)
-        scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        rows = _common_batch_size(by_param, records)
+        # Per-row gradients of a mean loss are the output gradients times the row count.
+        scale = float(rows) if self.loss_reduction == "mean" else 1.0
+        if self._verify_pending and rows > 0:
+            self._verify_against_autograd(by_param, records)  # on rows: autograd sums rows
+            self._verify_pending = False
+        multiplicity = self.augmentation_multiplicity
+        batch = check_group_size(rows, multiplicity)
+        if multiplicity > 1:
+            by_param = {p: [group_rows(t, multiplicity) for t in ts] for p, ts in by_param.items()}
         device = self._ordered[0].device if self._ordered else torch.device("cpu")
         norm_sq = torch.zeros(
             batch, dtype=torch.float64 if self._any_double() else torch.float32, device=device
@@ -178,9 +197,6 @@ class PerSampleEngine:
             for param, terms in by_param.items()
         }
         self._check_no_foreign_gradients()
-        if self._verify_pending and batch > 0:
-            self._verify_against_autograd(by_param, records)
-            self._verify_pending = False
         return ClippedBatch(sums, batch, norms, factors, nonfinite)
 
     def _any_double(self) -> bool:
