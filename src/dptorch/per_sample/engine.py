@@ -8,7 +8,7 @@ for factors ``c_i``, and forms each parameter's weighted sum in one contraction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -183,17 +183,24 @@ class PerSampleEngine:
         if multiplicity > 1:
             by_param = {p: [group_rows(t, multiplicity) for t in ts] for p, ts in by_param.items()}
         device = self._ordered[0].device if self._ordered else torch.device("cpu")
-        norm_sq = torch.zeros(
-            batch, dtype=torch.float64 if self._any_double() else torch.float32, device=device
-        )
-        for terms in by_param.values():
-            norm_sq = norm_sq + combined_norm_sq(terms, self.norm_route).to(norm_sq.dtype)
+        dtype = torch.float64 if self._any_double() else torch.float32
+        param_norm_sq = {
+            param: combined_norm_sq(terms, self.norm_route).to(dtype)
+            for param, terms in by_param.items()
+        }
+        norm_sq = torch.zeros(batch, dtype=dtype, device=device)
+        for value in param_norm_sq.values():
+            norm_sq = norm_sq + value
         norms = norm_sq.sqrt() * scale
-        factors = policy.factors(norms)
         nonfinite = int((~torch.isfinite(norms)).sum())
-        weights = factors * scale
+        group_of = getattr(policy, "group_of", None)
+        if group_of is None:
+            factors = policy.factors(norms)
+            weights = {param: factors * scale for param in by_param}
+        else:
+            weights, factors = _group_weights(policy, group_of, param_norm_sq, batch, scale)
         sums = {
-            param: _sum_terms(terms, weights, sanitize=nonfinite > 0)
+            param: _sum_terms(terms, weights[param], sanitize=nonfinite > 0)
             for param, terms in by_param.items()
         }
         self._check_no_foreign_gradients()
@@ -291,6 +298,30 @@ _FOREIGN_GRADIENT_MESSAGE = (
     "module instead, or register a rule for the custom module with "
     "dptorch.per_sample.register_rule."
 )
+
+
+def _group_weights(
+    policy: ClippingPolicy,
+    group_of: Callable[[Tensor], int],
+    param_norm_sq: dict[Tensor, Tensor],
+    batch: int,
+    scale: float,
+) -> tuple[dict[Tensor, Tensor], Tensor]:
+    """Per-parameter weights under per-group clipping, and each example's smallest factor."""
+    index = {param: group_of(param) for param in param_norm_sq}
+    groups = len(policy.max_grad_norms)  # type: ignore[attr-defined]
+    first = next(iter(param_norm_sq.values()), None)
+    group_sq = torch.zeros(
+        groups,
+        batch,
+        dtype=first.dtype if first is not None else torch.float32,
+        device=first.device if first is not None else None,
+    )
+    for param, value in param_norm_sq.items():
+        group_sq[index[param]] += value
+    group_factors = policy.group_factors(group_sq.sqrt() * scale)  # type: ignore[attr-defined]
+    weights = {param: group_factors[index[param]] * scale for param in param_norm_sq}
+    return weights, group_factors.min(dim=0).values
 
 
 def _redraws_randomness(module: nn.Module) -> bool:
