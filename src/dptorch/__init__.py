@@ -11,13 +11,17 @@ The three-line change::
 
 from __future__ import annotations
 
-from dptorch.data import DPDataLoader
+from dptorch.callbacks import CSVLogger, StepRecord, StepReporter, TensorBoardLogger
+from dptorch.data import BatchMemoryManager, DPDataLoader
+from dptorch.diagnostics import sweep_max_grad_norm
 from dptorch.errors import (
     DPError,
     DPTypeError,
     DPValueError,
     DPWarning,
+    MissingDependencyError,
     ParameterMismatchError,
+    PrivacyBudgetExceededError,
     SampleRateError,
     TrainingLoopError,
     UnsupportedModuleError,
@@ -30,18 +34,26 @@ from dptorch.validators import ModuleValidator
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchMemoryManager",
+    "CSVLogger",
     "DPDataLoader",
     "DPError",
     "DPOptimizer",
     "DPTypeError",
     "DPValueError",
     "DPWarning",
+    "MissingDependencyError",
     "ModuleValidator",
     "ParameterMismatchError",
+    "PrivacyBudgetExceededError",
     "PrivacyEngine",
     "SampleRateError",
+    "StepRecord",
+    "StepReporter",
+    "TensorBoardLogger",
     "TrainingLoopError",
     "UnsupportedModuleError",
     "__version__",
     "register_rule",
+    "sweep_max_grad_norm",
 ]

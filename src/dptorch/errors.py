@@ -48,3 +48,36 @@ class TrainingLoopError(DPError, RuntimeError):
 
 class DPWarning(UserWarning):
     """A warning about a weakened or unverifiable privacy guarantee."""
+
+
+class PrivacyBudgetExceededError(DPError, RuntimeError):
+    """A step was refused because it would take epsilon past the privacy budget.
+
+    Raised by ``optimizer.step()`` before anything changes: the parameters, the optimizer
+    state and the accountant are as they were after the last step within budget.
+
+    Attributes:
+        epsilon_spent: epsilon spent so far, at :attr:`delta`.
+        epsilon_after: epsilon if the refused step had been taken.
+        max_epsilon: the budget.
+        delta: the delta at which epsilon is measured.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        epsilon_spent: float,
+        epsilon_after: float,
+        max_epsilon: float,
+        delta: float,
+    ) -> None:
+        super().__init__(message)
+        self.epsilon_spent = epsilon_spent
+        self.epsilon_after = epsilon_after
+        self.max_epsilon = max_epsilon
+        self.delta = delta
+
+
+class MissingDependencyError(DPError, ImportError):
+    """An optional package that a feature needs is not installed (the message says which)."""

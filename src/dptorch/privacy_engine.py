@@ -7,7 +7,9 @@ every step the optimizer takes.
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,6 +19,8 @@ from torch.utils.data import DataLoader
 
 from dptorch.accountants import Accountant, create_accountant
 from dptorch.accountants.calibration import check_delta_against_dataset, get_noise_multiplier
+from dptorch.budget import PrivacyBudget
+from dptorch.checkpoint import ResumeInfo, Stateful, load_checkpoint, save_checkpoint
 from dptorch.data import DPDataLoader
 from dptorch.data.sample_rate import resolve_sample_rate
 from dptorch.errors import (
@@ -61,6 +65,8 @@ class PrivacyEngine:
             )
         self.secure_mode = secure_mode
         self._engines: list[PerSampleEngine] = []
+        self.budget: PrivacyBudget | None = None
+        self._sample_rates: list[tuple[DPOptimizer, float]] = []
 
     # -- the three-line API ----------------------------------------------------------------
     def make_private(
@@ -78,6 +84,9 @@ class PrivacyEngine:
         clipping: str = "flat",
         sample_rate: float | None = None,
         norm_route: NormRoute = "auto",
+        augmentation_multiplicity: int = 1,
+        max_epsilon: float | None = None,
+        budget_delta: float | None = None,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader[Any]]:
         """Return ``(module, optimizer, data_loader)`` ready for private training.
 
@@ -100,6 +109,12 @@ class PrivacyEngine:
             clipping: ``"flat"`` (the only policy in this version).
             sample_rate: q, required when it cannot be read from the loader.
             norm_route: ``"auto"``, or force ``"ghost"`` / ``"instantiate"`` norms.
+            augmentation_multiplicity: ``K`` consecutive batch rows per example (its
+                augmentations, e.g. from :class:`dptorch.data.AugmentationMultiplicity`); each
+                example's gradient is the mean over its rows, clipped once. Privacy is
+                unchanged: the example is still the unit that is clipped and sampled.
+            max_epsilon: a hard budget (see :meth:`set_budget`); give with ``budget_delta``.
+            budget_delta: the delta at which ``max_epsilon`` is measured.
 
         Privacy: each ``optimizer.step()`` releases a gradient with per-example sensitivity
         ``max_grad_norm`` plus ``N(0, (noise_multiplier * max_grad_norm)^2)`` noise and records
@@ -113,6 +128,7 @@ class PrivacyEngine:
                 f"norm_route={norm_route!r} must be 'auto', 'ghost' or 'instantiate'."
             )
         noise_multiplier = check_noise_multiplier(noise_multiplier)
+        budget = _budget_from(max_epsilon, budget_delta)
         if is_captured(module):
             raise DPValueError(
                 f"module ({type(module).__name__}) is already private (make_private was called "
@@ -129,6 +145,7 @@ class PrivacyEngine:
             batch_first=batch_first,
             loss_reduction=loss_reduction,
             norm_route=norm_route,
+            augmentation_multiplicity=augmentation_multiplicity,
         )
         dp_optimizer = DPOptimizer(
             optimizer,
@@ -139,6 +156,7 @@ class PrivacyEngine:
             loss_reduction=loss_reduction,
             generator=noise_generator,
         )
+        dp_optimizer.attach_step_check(self._budget_check(q))
         dp_optimizer.attach_step_hook(self._accounting_hook(q))
         # Warnings and hooks come last, once every argument has been accepted.
         if noise_multiplier == 0:
@@ -158,6 +176,9 @@ class PrivacyEngine:
             )
         engine.attach()
         self._engines.append(engine)
+        self._sample_rates.append((dp_optimizer, q))
+        if budget is not None:
+            self.budget = budget
         return module, dp_optimizer, loader
 
     def make_private_with_epsilon(
@@ -216,6 +237,124 @@ class PrivacyEngine:
         """The epsilon spent so far at ``delta``, by this engine's accountant."""
         return self.accountant.get_epsilon(delta)
 
+    # -- the privacy budget ----------------------------------------------------------------
+    def set_budget(self, *, epsilon: float, delta: float) -> None:
+        """Refuse any ``optimizer.step()`` that would take epsilon at ``delta`` past ``epsilon``.
+
+        Applies to every optimizer this engine made private, from their next step on.
+
+        Privacy: a refused step raises :class:`~dptorch.errors.PrivacyBudgetExceededError`
+        before its gradient is released: parameters, optimizer state and accountant stay as
+        they were after the last step within budget.
+        """
+        self.budget = PrivacyBudget(epsilon=epsilon, delta=delta)
+
+    def budget_left(self) -> float:
+        """Epsilon still available under the budget (0.0 once it is spent)."""
+        return self._require_budget("budget_left").epsilon_left(self.accountant)
+
+    def steps_left(self, optimizer: DPOptimizer | None = None) -> int:
+        """Steps that still fit in the budget at the optimizer's current noise and rate.
+
+        Args:
+            optimizer: one this engine made private; the latest one when ``None``.
+        """
+        budget = self._require_budget("steps_left")
+        known = [pair for pair in self._sample_rates if optimizer in (None, pair[0])]
+        if not known:
+            raise DPValueError(
+                "steps_left needs an optimizer returned by this engine's make_private; "
+                f"got {_show(optimizer)}."
+            )
+        chosen, q = known[-1]
+        return budget.steps_left(
+            self.accountant, noise_multiplier=chosen.noise_multiplier, sample_rate=q
+        )
+
+    def _require_budget(self, caller: str) -> PrivacyBudget:
+        if self.budget is None:
+            raise DPValueError(
+                f"{caller}() needs a privacy budget; set one with engine.set_budget("
+                "epsilon=..., delta=...) or make_private(..., max_epsilon=..., budget_delta=...)."
+            )
+        return self.budget
+
+    def _budget_check(self, sample_rate: float) -> Any:
+        def check_budget(optimizer: DPOptimizer) -> None:
+            if self.budget is not None:  # read at each step: set_budget may come later
+                self.budget.check_step(
+                    self.accountant,
+                    noise_multiplier=optimizer.noise_multiplier,
+                    sample_rate=sample_rate,
+                )
+
+        return check_budget
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(
+        self,
+        *,
+        path: str | os.PathLike[str],
+        module: nn.Module,
+        optimizer: DPOptimizer,
+        data_loader: DataLoader[Any] | None = None,
+        extras: Mapping[str, Stateful] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Atomically save the run, spent budget included.
+
+        See :func:`dptorch.checkpoint.save_checkpoint` for what is saved and how.
+
+        Privacy: the accountant's history is saved, so a resumed run keeps counting from it.
+        """
+        save_checkpoint(
+            path,
+            module=module,
+            optimizer=optimizer,
+            accountant=self.accountant,
+            sample_rate=self._sample_rate_of(optimizer),
+            data_loader=data_loader,  # type: ignore[arg-type]
+            extras=extras,
+            metadata=metadata,
+        )
+
+    def load_checkpoint(
+        self,
+        *,
+        path: str | os.PathLike[str],
+        module: nn.Module,
+        optimizer: DPOptimizer,
+        data_loader: DataLoader[Any] | None = None,
+        extras: Mapping[str, Stateful] | None = None,
+        map_location: str | torch.device | None = "cpu",
+    ) -> ResumeInfo:
+        """Resume a saved run into this engine's freshly built objects.
+
+        See :func:`dptorch.checkpoint.load_checkpoint`; returns where the run left off.
+
+        Privacy: epsilon continues from the saved history; a checkpoint whose accountant,
+        sigma, C or q differ from this run's is refused with a DPValueError.
+        """
+        return load_checkpoint(
+            path,
+            module=module,
+            optimizer=optimizer,
+            accountant=self.accountant,
+            sample_rate=self._sample_rate_of(optimizer),
+            data_loader=data_loader,  # type: ignore[arg-type]
+            extras=extras,
+            map_location=map_location,
+        )
+
+    def _sample_rate_of(self, optimizer: DPOptimizer) -> float:
+        for made, q in self._sample_rates:
+            if made is optimizer:
+                return q
+        raise DPValueError(
+            f"optimizer={_show(optimizer)} was not made private by this engine; pass the "
+            "optimizer that this engine's make_private returned."
+        )
+
     def detach(self, module: nn.Module | None = None) -> None:
         """Remove dptorch's hooks from ``module`` (all modules made private when ``None``).
 
@@ -265,6 +404,17 @@ class PrivacyEngine:
             loader = DPDataLoader.from_data_loader(data_loader, sample_rate=sample_rate)
             return loader, loader.sample_rate
         return data_loader, resolve_sample_rate(data_loader, sample_rate)
+
+
+def _budget_from(max_epsilon: float | None, budget_delta: float | None) -> PrivacyBudget | None:
+    if max_epsilon is None and budget_delta is None:
+        return None
+    if max_epsilon is None or budget_delta is None:
+        raise DPValueError(
+            f"Pass both max_epsilon= and budget_delta= (got max_epsilon={max_epsilon!r}, "
+            f"budget_delta={budget_delta!r}): a budget is an epsilon at a given delta."
+        )
+    return PrivacyBudget(epsilon=max_epsilon, delta=budget_delta)
 
 
 def _planned_steps(epochs: int | None, loader: DataLoader[Any]) -> int:

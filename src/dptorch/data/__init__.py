@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from dptorch.data.augmentation import AugmentationMultiplicity, flatten_views
+from dptorch.data.batch_memory_manager import BatchMemoryManager
 from dptorch.data.dp_data_loader import DPDataLoader
 from dptorch.data.poisson_sampler import PoissonBatchSampler
 from dptorch.data.sample_rate import infer_sample_rate
 
-__all__ = ["DPDataLoader", "PoissonBatchSampler", "infer_sample_rate"]
+__all__ = [
+    "AugmentationMultiplicity",
+    "BatchMemoryManager",
+    "DPDataLoader",
+    "PoissonBatchSampler",
+    "flatten_views",
+    "infer_sample_rate",
+]

@@ -2,14 +2,16 @@
 
 ``step()`` reads like the algorithm: clip every example's gradient, sum, add Gaussian noise
 once, divide by the EXPECTED batch size, run the wrapped optimizer's update, tell the
-listeners (the accountant) what ran.
+listeners (the accountant) what ran. While accumulating (a logical batch split into physical
+ones, see :class:`~dptorch.data.BatchMemoryManager`) ``step()`` only clips and adds to the
+pending sum; the step that ends the logical batch releases it with one noise draw.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,12 +19,13 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dptorch.clipping import FlatClipping
-from dptorch.errors import DPTypeError, DPValueError
+from dptorch.errors import DPTypeError, DPValueError, TrainingLoopError
 from dptorch.noise import gaussian_noise, noise_dtype
 from dptorch.per_sample.engine import ClippedBatch, LossReduction, PerSampleEngine
 from dptorch.validation import check_noise_multiplier, check_positive_number
 
 StepHook = Callable[["DPOptimizer"], None]
+StepCheck = Callable[["DPOptimizer"], None]
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class StepStats:
     clipped_fraction: float
     nonfinite: int
     mean_norm: float
+    # [B] per-example gradient norms before clipping (NaN/inf kept); see dptorch.diagnostics.
+    norms: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 class DPOptimizer(Optimizer):
@@ -52,9 +57,10 @@ class DPOptimizer(Optimizer):
             ``"sum"`` releases the noisy sum.
         generator: the noise source (global torch RNG when ``None``).
 
-    Privacy: each step releases ``(sum_i clip_C(g_i) + N(0, (sigma C)^2 I)) / divisor`` for
-    the examples of one batch, then calls every step hook once, so an accountant hooked here
-    records exactly one ``(sigma, q)`` event per released gradient.
+    Privacy: each releasing step gives ``(sum_i clip_C(g_i) + N(0, (sigma C)^2 I)) / divisor``
+    for the examples of one logical batch, then calls every step hook once, so an accountant
+    hooked here records exactly one ``(sigma, q)`` event per released gradient. Step checks
+    (the privacy budget) run before anything else, so a refused step changes nothing.
     """
 
     def __init__(
@@ -80,7 +86,7 @@ class DPOptimizer(Optimizer):
             )
         self.original_optimizer = optimizer
         self.engine = engine
-        self.noise_multiplier = check_noise_multiplier(noise_multiplier)
+        self._noise_multiplier = check_noise_multiplier(noise_multiplier)
         self.clipping = FlatClipping(max_grad_norm)
         self.expected_batch_size = check_positive_number("expected_batch_size", expected_batch_size)
         if loss_reduction not in ("mean", "sum"):
@@ -92,6 +98,11 @@ class DPOptimizer(Optimizer):
         self.generator = generator
         self.last_step_stats: StepStats | None = None
         self._step_hooks: list[StepHook] = []
+        self._step_checks: list[StepCheck] = []
+        # The clipped sums of the physical batches seen so far in this logical batch.
+        self._pending: ClippedBatch | None = None
+        self._accumulating = False
+        self.logical_steps = 0
         # What Optimizer.register_step_pre_hook / register_step_post_hook write to; step()
         # runs them, since Optimizer.__init__ (which would wrap step) is not called.
         self._optimizer_step_pre_hooks: OrderedDict[int, Any] = OrderedDict()
@@ -123,8 +134,37 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.defaults = value
 
     @property
+    def noise_multiplier(self) -> float:
+        """sigma: the noise std on the clipped sum is ``noise_multiplier * max_grad_norm``.
+
+        Settable between steps (noise schedulers do); the accountant records the value each
+        releasing step used.
+        """
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        self._noise_multiplier = check_noise_multiplier(value)
+
+    @property
     def max_grad_norm(self) -> float:
+        """C: clipping norm, and the sensitivity the noise std ``sigma * C`` is scaled to.
+
+        Settable between logical steps (clipping schedulers do), never inside a logical
+        batch, whose physical parts must all be clipped to the norm its noise is scaled to.
+        """
         return self.clipping.max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        if self._pending is not None:
+            raise TrainingLoopError(
+                f"max_grad_norm={value!r} was set in the middle of a logical batch (after "
+                "some of its physical batches were clipped to the old norm). Change the "
+                "clipping norm only between logical steps: step a clipping scheduler when "
+                "optimizer.is_accumulating is False, e.g. once per epoch."
+            )
+        self.clipping = FlatClipping(value)
 
     def state_dict(self) -> dict[str, Any]:
         return self.original_optimizer.state_dict()
@@ -139,6 +179,8 @@ class DPOptimizer(Optimizer):
         )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        # The pending clipped sum of an accumulating logical batch is kept: it lives here,
+        # not in p.grad.
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         self.engine.clear()
 
@@ -149,26 +191,77 @@ class DPOptimizer(Optimizer):
             f"optimizer={self.original_optimizer!r})"
         )
 
+    # -- logical and physical batches ------------------------------------------------------
+    @property
+    def is_accumulating(self) -> bool:
+        """Whether the current ``step()`` only accumulates (a physical batch, not the last).
+
+        Schedulers and callbacks that count logical steps act only when this is False.
+        """
+        return self._accumulating
+
+    def set_accumulating(self, accumulating: bool) -> None:
+        """Make the following ``step()`` calls accumulate (True) or release (False).
+
+        :class:`~dptorch.data.BatchMemoryManager` calls this for every physical batch it
+        yields; use it directly only to split one logical batch yourself.
+
+        Privacy: everything accumulated until the next releasing step gets one noise draw
+        and one accounting step, so the physical batches in between must together be ONE
+        Poisson-sampled logical batch, each example in at most one of them. Accumulating
+        several sampled batches would be charged as one step while an example could count
+        several times.
+        """
+        self._accumulating = bool(accumulating)
+
+    def discard_accumulated(self) -> bool:
+        """Drop the pending clipped sum of an unfinished logical batch; nothing is released.
+
+        Returns:
+            Whether there was a pending sum to drop.
+
+        Privacy: nothing derived from the discarded batches leaves the optimizer, so
+        nothing is accounted.
+        """
+        had_pending = self._pending is not None
+        self._pending = None
+        self._accumulating = False
+        return had_pending
+
     # -- DP-SGD ----------------------------------------------------------------------------
     def attach_step_hook(self, hook: StepHook) -> None:
-        """Call ``hook(self)`` after every step (the engine attaches the accountant here)."""
+        """Call ``hook(self)`` after every releasing step (the accountant is attached here)."""
         self._step_hooks.append(hook)
+
+    def attach_step_check(self, check: StepCheck) -> None:
+        """Call ``check(self)`` at the start of every ``step()``, before anything changes.
+
+        A check that raises refuses the step: no parameter, optimizer state, pending sum or
+        listener is touched (the privacy budget is enforced this way).
+        """
+        self._step_checks.append(check)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        for check in self._step_checks:
+            check(self)
+        if self._accumulating:
+            loss = _run(closure)
+            self._pending = _merge(self._pending, self.engine.clipped_sum(self.clipping))
+            self.engine.clear()
+            return loss
         for pre_hook in list(self._optimizer_step_pre_hooks.values()):
             pre_hook(self, (), {})
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        clipped = self.engine.clipped_sum(self.clipping)
+        loss = _run(closure)
+        clipped = _merge(self._pending, self.engine.clipped_sum(self.clipping))
+        self._pending = None
         self._release_noisy_gradients(clipped)
         self.original_optimizer.step()
         self.engine.clear()
         self.last_step_stats = _stats(clipped)
+        self.logical_steps += 1
         for hook in self._step_hooks:
             hook(self)
         for post_hook in list(self._optimizer_step_post_hooks.values()):
@@ -203,14 +296,41 @@ class DPOptimizer(Optimizer):
                 self.engine.note_released(param, param.grad)
 
 
+def _run(closure: Callable[[], Any] | None) -> Any:
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _merge(pending: ClippedBatch | None, new: ClippedBatch) -> ClippedBatch:
+    """One logical batch's clipped sums from two disjoint parts of it (sums add up exactly)."""
+    if pending is None:
+        return new
+    sums = dict(pending.sums)
+    for param, total in new.sums.items():
+        # Accumulate in the noise dtype (float32 or better), as the release adds in it.
+        total = total.to(noise_dtype(param.dtype))
+        sums[param] = sums[param] + total if param in sums else total
+    return replace(
+        pending,
+        sums=sums,
+        batch_size=pending.batch_size + new.batch_size,
+        norms=torch.cat([pending.norms, new.norms.to(pending.norms.dtype)]),
+        factors=torch.cat([pending.factors, new.factors.to(pending.factors.dtype)]),
+        nonfinite=pending.nonfinite + new.nonfinite,
+    )
+
+
 def _stats(clipped: ClippedBatch) -> StepStats:
     batch = clipped.batch_size
     if batch == 0:
-        return StepStats(0, 0.0, 0, 0.0)
+        return StepStats(0, 0.0, 0, 0.0, norms=clipped.norms.detach())
     finite = torch.isfinite(clipped.norms)
     return StepStats(
         batch_size=batch,
         clipped_fraction=float((clipped.factors < 1).float().mean()),
         nonfinite=clipped.nonfinite,
         mean_norm=float(clipped.norms[finite].mean()) if finite.any() else float("nan"),
+        norms=clipped.norms.detach(),
     )
