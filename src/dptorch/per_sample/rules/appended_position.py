@@ -7,7 +7,7 @@ gradient of the vector is its output gradient at the appended position: ``G[i, S
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from dptorch.per_sample.capture import CallRecord
 from dptorch.per_sample.rules.base import RuleContext, compute_dtype, input_and_grad
@@ -18,9 +18,9 @@ def appended_position_rule(
     module: nn.Module, record: CallRecord, ctx: RuleContext
 ) -> list[GradTerm]:
     weight = module.weight
-    if not ctx.wants(weight):
+    if not (isinstance(weight, Tensor) and ctx.wants(weight)):
         return []
     _, grad = input_and_grad(record)
     # The layer is called batch first whatever the model's layout: ctx.batch_first is moot.
     last = compute_dtype(grad)[:, -1]  # [B, E]
-    return [DenseTerm(weight, last.reshape(last.shape[0], *weight.shape))]  # type: ignore[arg-type]
+    return [DenseTerm(weight, last.reshape(last.shape[0], *weight.shape))]

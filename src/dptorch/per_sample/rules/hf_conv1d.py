@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from torch import nn
+from torch import Tensor, nn
 
 from dptorch.per_sample.capture import CallRecord
 from dptorch.per_sample.rules.base import (
@@ -24,18 +24,20 @@ from dptorch.per_sample.terms import DenseTerm, GradTerm, OuterTerm
 
 
 def hf_conv1d_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> list[GradTerm]:
+    weight = module.weight
+    assert isinstance(weight, Tensor)
     activations, grad = input_and_grad(record)
     activations = to_batch_first(compute_dtype(activations), ctx.batch_first, min_dim=3)
     grad = to_batch_first(compute_dtype(grad), ctx.batch_first, min_dim=3)
     batch = activations.shape[0]
-    in_features, out_features = module.weight.shape
+    in_features, out_features = weight.shape
     positions = math.prod(activations.shape[1:-1])  # explicit: -1 is ambiguous when B = 0
     rows = activations.reshape(batch, 1, positions, in_features)  # [B, 1, T, in]
     cols = grad.reshape(batch, 1, positions, out_features)  # [B, 1, T, out]
     terms: list[GradTerm] = []
-    if ctx.wants(module.weight):
-        terms.append(OuterTerm(module.weight, rows=rows, cols=cols))  # type: ignore[arg-type]
+    if ctx.wants(weight):
+        terms.append(OuterTerm(weight, rows=rows, cols=cols))
     bias = getattr(module, "bias", None)
-    if bias is not None and ctx.wants(bias):
+    if isinstance(bias, Tensor) and ctx.wants(bias):
         terms.append(DenseTerm(bias, cols.sum(dim=(1, 2))))
     return terms
