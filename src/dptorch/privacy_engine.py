@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,8 +21,16 @@ from dptorch.accountants import Accountant, create_accountant
 from dptorch.accountants.calibration import check_delta_against_dataset, get_noise_multiplier
 from dptorch.budget import PrivacyBudget
 from dptorch.checkpoint import ResumeInfo, Stateful, load_checkpoint, save_checkpoint
+from dptorch.clipping import CLIPPING_KINDS, ClippingPolicy, make_clipping_policy
 from dptorch.data import DPDataLoader
+from dptorch.data.distributed_sampler import DistributedDPDataLoader
 from dptorch.data.sample_rate import resolve_sample_rate
+from dptorch.distributed import (
+    GradientSync,
+    check_distributed_run,
+    join_ranks,
+    resolve_distributed,
+)
 from dptorch.errors import (
     DPError,
     DPTypeError,
@@ -76,17 +84,18 @@ class PrivacyEngine:
         optimizer: Optimizer,
         data_loader: DataLoader[Any],
         noise_multiplier: float,
-        max_grad_norm: float,
+        max_grad_norm: float | Sequence[float],
         poisson_sampling: bool = True,
         loss_reduction: LossReduction = "mean",
         batch_first: bool = True,
         noise_generator: torch.Generator | None = None,
-        clipping: str = "flat",
+        clipping: str | ClippingPolicy = "flat",
         sample_rate: float | None = None,
         norm_route: NormRoute = "auto",
         augmentation_multiplicity: int = 1,
         max_epsilon: float | None = None,
         budget_delta: float | None = None,
+        distributed: bool | None = None,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader[Any]]:
         """Return ``(module, optimizer, data_loader)`` ready for private training.
 
@@ -106,7 +115,12 @@ class PrivacyEngine:
             loss_reduction: ``"mean"`` or ``"sum"``, as the loss combines a batch.
             batch_first: ``False`` if sequence inputs are ``[T, B, ...]``.
             noise_generator: generator for the noise (global torch RNG when ``None``).
-            clipping: ``"flat"`` (the only policy in this version).
+            clipping: ``"flat"`` (default), ``"automatic"`` (normalised, Bu et al.),
+                ``"per_layer"`` (``max_grad_norm`` one per trainable parameter, or one total
+                split evenly), ``"adaptive"`` (the norm tracks the median, Andrew et al.; its
+                private count is inside ``noise_multiplier``), or a policy object from
+                :mod:`dptorch.clipping`. The noise std is ``noise_multiplier`` times the
+                policy's sensitivity, so the accounting is the same for all.
             sample_rate: q, required when it cannot be read from the loader.
             norm_route: ``"auto"``, or force ``"ghost"`` / ``"instantiate"`` norms.
             augmentation_multiplicity: ``K`` consecutive batch rows per example (its
@@ -115,14 +129,21 @@ class PrivacyEngine:
                 unchanged: the example is still the unit that is clipped and sampled.
             max_epsilon: a hard budget (see :meth:`set_budget`); give with ``budget_delta``.
             budget_delta: the delta at which ``max_epsilon`` is measured.
+            distributed: train one model on all ranks of the ``torch.distributed`` process
+                group (see :mod:`dptorch.distributed`); ``None`` means yes for a
+                ``DistributedDataParallel`` model or a group of more than one rank. A DDP
+                model is returned unwrapped (its ``.module``): train that, not the wrapper.
 
         Privacy: each ``optimizer.step()`` releases a gradient with per-example sensitivity
         ``max_grad_norm`` plus ``N(0, (noise_multiplier * max_grad_norm)^2)`` noise and records
         ``(noise_multiplier, q)`` with the accountant, where q is the sampler's actual rate.
         """
         self._check_types(module, optimizer, data_loader)
-        if clipping != "flat":
-            raise DPValueError(f"clipping={clipping!r} is not available; use clipping='flat'.")
+        module, sync = resolve_distributed(module, distributed)
+        if isinstance(clipping, str) and clipping not in CLIPPING_KINDS:
+            raise DPValueError(
+                f"clipping={clipping!r} is not available; use one of {CLIPPING_KINDS}."
+            )
         if norm_route not in ("auto", "ghost", "instantiate"):
             raise DPValueError(
                 f"norm_route={norm_route!r} must be 'auto', 'ghost' or 'instantiate'."
@@ -138,7 +159,7 @@ class PrivacyEngine:
         if problems:
             raise UnsupportedModuleError([str(p) for p in problems])
         trainable = _check_parameter_identity(module, optimizer)
-        loader, q = self._private_loader(data_loader, poisson_sampling, sample_rate)
+        loader, q = self._private_loader(data_loader, poisson_sampling, sample_rate, sync)
         engine = PerSampleEngine(
             module,
             trainable,
@@ -147,15 +168,21 @@ class PrivacyEngine:
             norm_route=norm_route,
             augmentation_multiplicity=augmentation_multiplicity,
         )
+        expected_batch_size = q * _dataset_size(data_loader)
+        policy = make_clipping_policy(clipping, max_grad_norm, trainable, expected_batch_size)
         dp_optimizer = DPOptimizer(
             optimizer,
             engine=engine,
             noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=q * _dataset_size(data_loader),
+            max_grad_norm=policy.sensitivity,
+            expected_batch_size=expected_batch_size,
             loss_reduction=loss_reduction,
             generator=noise_generator,
+            clipping=policy,
         )
+        dp_optimizer.gradient_noise_multiplier  # noqa: B018  (refuses an impossible split now)
+        if sync is not None:
+            check_distributed_run(sync, dp_optimizer, loader, q)
         dp_optimizer.attach_step_check(self._budget_check(q))
         dp_optimizer.attach_step_hook(self._accounting_hook(q))
         # Warnings and hooks come last, once every argument has been accepted.
@@ -174,6 +201,8 @@ class PrivacyEngine:
                 DPWarning,
                 stacklevel=2,
             )
+        if sync is not None:
+            join_ranks(sync, module, dp_optimizer)
         engine.attach()
         self._engines.append(engine)
         self._sample_rates.append((dp_optimizer, q))
@@ -189,7 +218,7 @@ class PrivacyEngine:
         data_loader: DataLoader[Any],
         target_epsilon: float,
         target_delta: float,
-        max_grad_norm: float,
+        max_grad_norm: float | Sequence[float],
         epochs: int | None = None,
         steps: int | None = None,
         epsilon_tolerance: float = 0.01,
@@ -398,10 +427,14 @@ class PrivacyEngine:
 
     @staticmethod
     def _private_loader(
-        data_loader: DataLoader[Any], poisson_sampling: bool, sample_rate: float | None
+        data_loader: DataLoader[Any],
+        poisson_sampling: bool,
+        sample_rate: float | None,
+        sync: GradientSync | None = None,
     ) -> tuple[DataLoader[Any], float]:
         if poisson_sampling:
-            loader = DPDataLoader.from_data_loader(data_loader, sample_rate=sample_rate)
+            kind = DPDataLoader if sync is None else DistributedDPDataLoader
+            loader = kind.from_data_loader(data_loader, sample_rate=sample_rate)
             return loader, loader.sample_rate
         return data_loader, resolve_sample_rate(data_loader, sample_rate)
 

@@ -83,3 +83,35 @@ def test_attention_with_dropout_trains_through_the_torch_func_fallback() -> None
         model(torch.randn(5, 3, 8)).pow(2).mean().backward()
         optimizer.step()
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+class _ScaledLinear(nn.Module):
+    """A custom layer (torch.func fallback) that owns a parameter AND has a ruled child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+        self.inner = nn.Linear(3, 2, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.inner(x)
+
+
+def test_fallback_module_with_a_ruled_child_matches_the_oracle() -> None:
+    torch.manual_seed(0)
+    model = _ScaledLinear()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(5):
+        model.zero_grad()
+        model(x[i : i + 1]).pow(2).sum().backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad
+    model.zero_grad(set_to_none=True)
+    engine = PerSampleEngine(model, model.parameters(), loss_reduction="sum")
+    engine.attach()
+    model(x).pow(2).sum().backward()
+    clipped = engine.clipped_sum(FlatClipping(1e6))  # nothing clipped: the plain sum
+    engine.detach()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(clipped.sums[param], expected[name], msg=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -55,7 +56,9 @@ class DPDataLoader(DataLoader):
         collate_fn: merges a list of examples into a batch; ``None`` means
             ``default_collate``. It is wrapped to handle empty batches.
         generator: drives the sampler (and worker seeds); equal seeds give equal batches.
-            ``None`` uses torch's default generator.
+            ``None`` makes a new generator seeded from torch's global RNG, so
+            ``torch.manual_seed`` still fixes the batches, and dropout or noise drawn during
+            training does not change them.
         num_workers: as in ``DataLoader``.
         pin_memory: as in ``DataLoader``.
         **kwargs: other ``DataLoader`` arguments that do not select examples
@@ -91,9 +94,12 @@ class DPDataLoader(DataLoader):
             )
         num_samples = dataset_length(dataset, where="dataset")
         q = check_sample_rate(sample_rate)
-        batch_sampler = PoissonBatchSampler(
-            num_samples=num_samples, sample_rate=q, steps=steps, generator=generator
-        )
+        if generator is None:
+            # A generator of its own lets a checkpoint replay the sampler mid-pass without
+            # rewinding the global RNG that the model and the noise also draw from.
+            seed = int(torch.empty((), dtype=torch.int64).random_())
+            generator = torch.Generator().manual_seed(seed)
+        batch_sampler = self._batch_sampler(num_samples, q, steps, generator)
         if isinstance(collate_fn, EmptyBatchCollate):
             collate_fn = collate_fn.collate_fn  # never wrap twice
         super().__init__(
@@ -106,6 +112,76 @@ class DPDataLoader(DataLoader):
             **kwargs,
         )
         self.sample_rate = q
+        self._sampler = batch_sampler
+        self._position = 0  # batches of the current pass handed out
+        self._resume_position = 0  # where the next pass starts (after load_state_dict)
+
+    def _batch_sampler(
+        self, num_samples: int, sample_rate: float, steps: int | None, generator: torch.Generator
+    ) -> PoissonBatchSampler:
+        """The sampler of index batches (a distributed loader yields a rank's share)."""
+        return PoissonBatchSampler(
+            num_samples=num_samples, sample_rate=sample_rate, steps=steps, generator=generator
+        )
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self._position, self._resume_position = self._resume_position, 0
+        return _CountingIterator(super().__iter__(), self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where sampling stands: enough to continue the same batches after a restart.
+
+        Returns:
+            Plain types and a uint8 tensor only (``torch.load(weights_only=True)`` reads it):
+            the sampler's generator state, how many batches of the current pass were used,
+            and the rate, steps and dataset size to check the resumed loader against.
+        """
+        state = self._sampler.resume_state(consumed=self._position)
+        return {
+            "generator_state": state["generator_state"],
+            "position": state["skip"],
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "num_samples": dataset_length(self.dataset, where="dataset"),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: the next pass yields only the unused batches.
+
+        After loading a mid-pass state, the next ``iter(loader)`` yields the last
+        ``steps - position`` batches of the interrupted pass, identical to those it would
+        have yielded; later passes are full.
+
+        Raises:
+            DPValueError: the state was saved by a loader with another sample rate, number
+                of steps or dataset size (all differences are reported), or is malformed.
+        """
+        if not isinstance(state, dict):
+            raise DPValueError(
+                f"state has type {type(state).__name__}; pass the dict returned by "
+                "DPDataLoader.state_dict()."
+            )
+        ours = {
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "num_samples": dataset_length(self.dataset, where="dataset"),
+        }
+        differ = [
+            f"{key}: saved {state.get(key)!r}, this loader {value!r}"
+            for key, value in ours.items()
+            if state.get(key) != value
+        ]
+        if differ:
+            raise DPValueError(
+                "The saved loader state does not match this DPDataLoader ("
+                + "; ".join(differ)
+                + "). Resume with a loader built from the same dataset, sample_rate and steps."
+            )
+        position = state.get("position")
+        self._sampler.load_resume_state(
+            {"generator_state": state.get("generator_state"), "skip": position}
+        )
+        self._resume_position = int(position)  # type: ignore[arg-type]
 
     @property
     def expected_batch_size(self) -> float:
@@ -180,3 +256,26 @@ class DPDataLoader(DataLoader):
             generator=generator if generator is not None else data_loader.generator,
             **loading,
         )
+
+
+class _CountingIterator:
+    """Passes a loader iterator's batches through, counting them on the loader.
+
+    Counting what the consumer received (not what the sampler drew) keeps the position
+    right when worker processes prefetch batches ahead.
+    """
+
+    def __init__(self, inner: Iterator[Any], loader: DPDataLoader) -> None:
+        self._inner = inner
+        self._loader = loader
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self._inner)
+        self._loader._position += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._inner)  # type: ignore[arg-type]

@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from numbers import Integral, Real
+from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import Sampler
 
 from dptorch.errors import DPTypeError, DPValueError, SampleRateError
@@ -111,19 +113,110 @@ class PoissonBatchSampler(Sampler[list[int]]):
                 "torch.Generator().manual_seed(seed)."
             )
         self.generator = generator
+        # The generator's state before the first draw of the latest pass, and a pass to
+        # resume (start state, batches to skip); see resume_state / load_resume_state.
+        self._pass_start: Tensor | None = None
+        self._resume: tuple[Tensor, int] | None = None
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.steps):
+        # This body runs at the first next(), after DataLoader has drawn its worker base seed
+        # from the same generator; restoring a saved pass here makes that extra draw harmless.
+        generator = self._draw_generator()
+        skip = 0
+        if self._resume is not None:
+            state, skip = self._resume
+            self._resume = None
+            generator.set_state(state)
+        self._pass_start = generator.get_state()
+        for index in range(self.steps):
             # One uniform draw per example: comparing against q gives independent
             # Bernoulli(q) inclusions without a Python loop over examples.
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            yield mask.nonzero().flatten().tolist()
+            if index >= skip:  # a resumed pass replays the draws of the batches already used
+                yield mask.nonzero().flatten().tolist()
+
+    def resume_state(self, *, consumed: int) -> dict[str, Any]:
+        """What :meth:`load_resume_state` needs to continue after ``consumed`` batches.
+
+        Args:
+            consumed: batches of the current pass that were already used (0 between passes).
+
+        Returns:
+            ``{"generator_state": uint8 tensor, "skip": int}``. Mid-pass this is the state at
+            the start of the pass and the number of batches to skip, so prefetching workers
+            that drew ahead do not matter; otherwise the generator's current state and 0.
+
+        Raises:
+            DPValueError: a pass is half used but the sampler draws from torch's global
+                generator, whose state at the start of the pass cannot be replayed.
+        """
+        consumed = int(consumed)
+        if 0 < consumed < self.steps:
+            if self.generator is None or self._pass_start is None:
+                raise DPValueError(
+                    f"Cannot save the position of a pass {consumed}/{self.steps} batches in: "
+                    "this sampler draws from torch's global generator, which other code also "
+                    "uses. Give it its own generator (generator=torch.Generator()"
+                    ".manual_seed(seed)), or save between passes."
+                )
+            return {"generator_state": self._pass_start.clone(), "skip": consumed}
+        return {"generator_state": self._draw_generator().get_state(), "skip": 0}
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`resume_state`: the next pass yields the batches not yet used.
+
+        Between passes the generator's state is restored at once. Mid-pass it is restored
+        when the next pass starts, which then yields only the last ``steps - skip`` batches,
+        exactly those the interrupted pass had not delivered.
+
+        Raises:
+            DPValueError: ``state`` is not such a dict, or its skip is not in ``[0, steps)``.
+        """
+        generator_state = state.get("generator_state") if isinstance(state, dict) else None
+        skip = state.get("skip") if isinstance(state, dict) else None
+        if not (
+            isinstance(generator_state, Tensor)
+            and generator_state.dtype == torch.uint8
+            and isinstance(skip, int)
+            and 0 <= skip < self.steps
+        ):
+            raise DPValueError(
+                f"state={_short(state)} is not a sampler resume state with 0 <= skip < "
+                f"steps={self.steps}; pass what PoissonBatchSampler.resume_state() returned "
+                "for a sampler with the same steps."
+            )
+        if skip == 0:
+            self._resume = None
+            _set_state(self._draw_generator(), generator_state)
+        else:
+            _set_state(torch.Generator(), generator_state)  # check it now, not mid-training
+            self._resume = (generator_state.clone(), skip)
+
+    def _draw_generator(self) -> torch.Generator:
+        """The generator ``torch.rand`` really draws from (torch's default when ``None``)."""
+        return self.generator if self.generator is not None else torch.default_generator
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_samples={self.num_samples}, "
             f"sample_rate={self.sample_rate!r}, steps={self.steps})"
         )
+
+
+def _set_state(generator: torch.Generator, state: Tensor) -> None:
+    try:
+        generator.set_state(state)
+    except RuntimeError as error:
+        raise DPValueError(
+            f"The saved sampler generator state ({state.numel()} bytes) does not fit a "
+            f"{generator.device} generator: {error}. Resume with the same kind of generator "
+            "the state was saved from."
+        ) from error
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from dptorch.clipping import FlatClipping
+from dptorch.clipping import AutomaticClipping, ClippingPolicy, FlatClipping, PerLayerClipping
+from dptorch.distributed import GradientSync
 from dptorch.errors import DPTypeError, DPValueError, TrainingLoopError
 from dptorch.noise import gaussian_noise, noise_dtype
 from dptorch.per_sample.engine import ClippedBatch, LossReduction, PerSampleEngine
@@ -56,11 +57,15 @@ class DPOptimizer(Optimizer):
         loss_reduction: ``"mean"`` divides the noisy sum by ``expected_batch_size``;
             ``"sum"`` releases the noisy sum.
         generator: the noise source (global torch RNG when ``None``).
+        clipping: the clipping policy (:mod:`dptorch.clipping`); ``None`` means flat clipping
+            at ``max_grad_norm``. The noise std is ``sigma`` times the policy's sensitivity.
 
     Privacy: each releasing step gives ``(sum_i clip_C(g_i) + N(0, (sigma C)^2 I)) / divisor``
     for the examples of one logical batch, then calls every step hook once, so an accountant
     hooked here records exactly one ``(sigma, q)`` event per released gradient. Step checks
     (the privacy budget) run before anything else, so a refused step changes nothing.
+    With :attr:`gradient_sync` set (distributed training), the sum runs over the examples of
+    all ranks and only rank 0 adds noise, so the std on the summed release is ``sigma C``.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class DPOptimizer(Optimizer):
         expected_batch_size: float,
         loss_reduction: LossReduction = "mean",
         generator: torch.Generator | None = None,
+        clipping: ClippingPolicy | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise DPTypeError(
@@ -87,7 +93,9 @@ class DPOptimizer(Optimizer):
         self.original_optimizer = optimizer
         self.engine = engine
         self._noise_multiplier = check_noise_multiplier(noise_multiplier)
-        self.clipping = FlatClipping(max_grad_norm)
+        self.clipping: ClippingPolicy = (
+            clipping if clipping is not None else FlatClipping(max_grad_norm)
+        )
         self.expected_batch_size = check_positive_number("expected_batch_size", expected_batch_size)
         if loss_reduction not in ("mean", "sum"):
             raise DPValueError(
@@ -103,6 +111,9 @@ class DPOptimizer(Optimizer):
         self._pending: ClippedBatch | None = None
         self._accumulating = False
         self.logical_steps = 0
+        # Set by make_private(distributed=True): sums the noisy release over the ranks, with
+        # noise drawn on one rank only (see dptorch.distributed.GradientSync).
+        self.gradient_sync: GradientSync | None = None
         # What Optimizer.register_step_pre_hook / register_step_post_hook write to; step()
         # runs them, since Optimizer.__init__ (which would wrap step) is not called.
         self._optimizer_step_pre_hooks: OrderedDict[int, Any] = OrderedDict()
@@ -147,12 +158,24 @@ class DPOptimizer(Optimizer):
         self._noise_multiplier = check_noise_multiplier(value)
 
     @property
+    def gradient_noise_multiplier(self) -> float:
+        """The multiplier of the noise on the clipped sum itself.
+
+        Equal to :attr:`noise_multiplier`, except under adaptive clipping, whose private
+        count takes part of the budget (see :class:`~dptorch.clipping.AdaptiveClipping`).
+        """
+        split = getattr(self.clipping, "gradient_noise_multiplier", None)
+        return float(split(self._noise_multiplier)) if split is not None else self._noise_multiplier
+
+    @property
     def max_grad_norm(self) -> float:
         """C: clipping norm, and the sensitivity the noise std ``sigma * C`` is scaled to.
 
         Settable between logical steps (clipping schedulers do), never inside a logical
         batch, whose physical parts must all be clipped to the norm its noise is scaled to.
         """
+        if isinstance(self.clipping, PerLayerClipping):
+            return self.clipping.sensitivity
         return self.clipping.max_grad_norm
 
     @max_grad_norm.setter
@@ -164,7 +187,15 @@ class DPOptimizer(Optimizer):
                 "clipping norm only between logical steps: step a clipping scheduler when "
                 "optimizer.is_accumulating is False, e.g. once per epoch."
             )
-        self.clipping = FlatClipping(value)
+        if isinstance(self.clipping, FlatClipping):
+            self.clipping = FlatClipping(value)
+        elif isinstance(self.clipping, AutomaticClipping):
+            self.clipping = replace(self.clipping, max_grad_norm=value)
+        else:
+            raise DPValueError(
+                f"max_grad_norm cannot be set under {type(self.clipping).__name__}: it sets "
+                "its own norms. Clipping schedulers work with flat and automatic clipping."
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return self.original_optimizer.state_dict()
@@ -258,6 +289,9 @@ class DPOptimizer(Optimizer):
         clipped = _merge(self._pending, self.engine.clipped_sum(self.clipping))
         self._pending = None
         self._release_noisy_gradients(clipped)
+        update_norm = getattr(self.clipping, "update", None)
+        if update_norm is not None:  # adaptive clipping: its noised count is in sigma
+            update_norm(clipped.norms, self.expected_batch_size, self.generator)
         self.original_optimizer.step()
         self.engine.clear()
         self.last_step_stats = _stats(clipped)
@@ -270,8 +304,13 @@ class DPOptimizer(Optimizer):
 
     def _release_noisy_gradients(self, clipped: ClippedBatch) -> None:
         """Set every trainable ``p.grad`` to its noisy, normalised clipped sum."""
-        std = self.noise_multiplier * self.clipping.sensitivity
         divisor = self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+        # (noise + sum) / divisor computed as noise' + sum / divisor with noise' drawn at std
+        # sigma C / divisor: one fused pass, and p.grad is a view of the one noise buffer.
+        std = self.gradient_noise_multiplier * self.clipping.sensitivity / divisor
+        sync = self.gradient_sync
+        if sync is not None and not sync.draws_noise:
+            std = 0.0  # one rank draws the noise, so the all-reduced sum has it exactly once
         params = self.trainable_parameters()
         # One draw per (device, dtype) group, split into per-parameter views: one kernel
         # instead of one per parameter. Every coordinate still gets its own N(0, std^2).
@@ -288,11 +327,13 @@ class DPOptimizer(Optimizer):
                 generator=self.generator,
             )
             for param, noise in zip(members, flat.split(sizes), strict=True):
-                noisy = noise.view(param.shape)
                 total = clipped.sums.get(param)
                 if total is not None:
-                    noisy = noisy + total.to(dtype)
-                param.grad = (noisy / divisor).to(param.dtype)
+                    noise.view(param.shape).add_(total.to(dtype), alpha=1.0 / divisor)
+            if sync is not None:
+                sync.sum_(flat)  # one collective per group, in the same order on every rank
+            for param, noisy in zip(members, flat.split(sizes), strict=True):
+                param.grad = noisy.view(param.shape).to(param.dtype)
                 self.engine.note_released(param, param.grad)
 
 
