@@ -8,7 +8,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dptorch import PrivacyEngine
+from dptorch.clipping import FlatClipping
 from dptorch.per_sample import is_captured
+from dptorch.per_sample.engine import PerSampleEngine
 
 
 def _private(model: nn.Module) -> torch.optim.Optimizer:

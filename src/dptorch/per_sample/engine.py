@@ -355,6 +355,9 @@ def _common_batch_size(by_param: dict[Tensor, list[GradTerm]], records: list[Cal
         raise DPValueError(
             f"Layers saw different batch sizes {sorted(sizes)} in one step (layers: "
             f"{', '.join(paths)}). Every captured layer must see the batch dimension of the "
-            "same examples; check batch_first= (False means inputs are [T, B, ...])."
+            "same examples; check batch_first= (False means inputs are [T, B, ...]), and "
+            "look for a layer fed one row broadcast over the batch (e.g. position ids of "
+            "shape [1, T]: give every example its own row, as "
+            "dptorch.integrations.huggingface.per_example_position_ids does)."
         )
     return sizes.pop() if sizes else 0

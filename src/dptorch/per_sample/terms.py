@@ -56,7 +56,7 @@ class DenseTerm:
         return self.grad_sample
 
     def norm_sq(self, route: NormRoute = "auto") -> Tensor:
-        flat = self.grad_sample.flatten(1)
+        flat = self.grad_sample.reshape(self.batch_size, self.param.numel())  # 0-dim params too
         return (flat * flat).sum(dim=1)
 
     def weighted_sum(self, factors: Tensor, sanitize: bool = False) -> Tensor:
@@ -294,7 +294,7 @@ def combined_norm_sq(terms: list[GradTerm], route: NormRoute = "auto") -> Tensor
     summed = terms[0].instantiate()
     for term in terms[1:]:
         summed = summed + term.instantiate()
-    flat = summed.flatten(1)
+    flat = summed.reshape(summed.shape[0], terms[0].param.numel())
     return (flat * flat).sum(dim=1)
 
 
