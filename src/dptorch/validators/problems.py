@@ -49,10 +49,12 @@ def _problem_of(path: str, module: nn.Module) -> ModuleProblem | None:
         return ModuleProblem(
             path,
             kind,
-            "has no dedicated per-sample rule, and torch.func cannot batch its kernel, so its "
-            "per-example gradients cannot be computed",
-            "replace it with nn.LSTM (supported through torch.func) or freeze it with "
-            "requires_grad_(False); DP-ready GRU/RNN layers are planned",
+            "has no dedicated per-sample rule, and torch.func cannot batch its fused kernel, "
+            "so its per-example gradients cannot be computed",
+            f"run model = ModuleValidator.fix(model) BEFORE building the optimizer to replace "
+            f"it with dptorch.layers.DP{kind} (same state_dict, same outputs), or freeze it "
+            "with requires_grad_(False)",
+            fixable=True,
         )
     if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
         return ModuleProblem(
