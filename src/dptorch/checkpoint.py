@@ -9,6 +9,11 @@ bit, and epsilon continues from the budget spent before the interruption.
 
 Files hold only tensors and plain containers, so they are read with
 ``torch.load(weights_only=True)``: loading a checkpoint never runs code from it.
+
+Secure mode (a :class:`~dptorch.secure_random.SecureRandom` noise source) saves no state of
+its CSPRNG, nor of the secure sampler: such a run resumes with the right budget and position
+but fresh randomness, so it is never bit-reproducible (by design: nothing in the file lets
+anyone replay its noise).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dptorch.data import DPDataLoader
 from dptorch.errors import DPTypeError, DPValueError
 from dptorch.optimizers import DPOptimizer
 from dptorch.safe_torch_file import atomic_save, check_weights_only, load_weights_only
+from dptorch.secure_random import SecureRandom
 
 __all__ = ["ResumeInfo", "Stateful", "load_checkpoint", "save_checkpoint"]
 
@@ -178,7 +184,7 @@ def load_checkpoint(
         raise DPValueError(
             f"{where} cannot resume this run:\n"
             + "\n".join(f"  - {p}" for p in problems)
-            + "\nBuild the run with the checkpoint's settings (the same accountant, "
+            + "\nBuild the run with the checkpoint's settings (the same accountant, secure_mode, "
             "noise_multiplier, max_grad_norm, data and batch size), or start a new run."
         )
     module.load_state_dict(saved["module"])
@@ -206,13 +212,15 @@ def _settings(optimizer: DPOptimizer, accountant: Accountant, sample_rate: float
         "sample_rate": float(sample_rate),
         "expected_batch_size": float(optimizer.expected_batch_size),
         "loss_reduction": optimizer.loss_reduction,
+        "secure_mode": isinstance(optimizer.generator, SecureRandom),
     }
 
 
 def _rng_state(optimizer: DPOptimizer) -> dict[str, Any]:
+    generator = _noise_generator(optimizer)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "noise": optimizer.generator.get_state() if optimizer.generator is not None else None,
+        "noise": generator.get_state() if generator is not None else None,
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -221,10 +229,21 @@ def _rng_state(optimizer: DPOptimizer) -> dict[str, Any]:
 
 def _restore_rng(state: dict[str, Any], optimizer: DPOptimizer) -> None:
     torch.set_rng_state(state["torch"])
-    if optimizer.generator is not None:
-        optimizer.generator.set_state(state["noise"])
+    generator = _noise_generator(optimizer)
+    if generator is not None:
+        generator.set_state(state["noise"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _noise_generator(optimizer: DPOptimizer) -> torch.Generator | None:
+    """The optimizer's own torch generator, whose state is saved (none in secure mode)."""
+    generator = optimizer.generator
+    return generator if isinstance(generator, torch.Generator) else None
+
+
+def _is_secure(optimizer: DPOptimizer) -> bool:
+    return isinstance(optimizer.generator, SecureRandom)
 
 
 def _check_parts(optimizer: object, data_loader: object) -> None:
@@ -275,12 +294,12 @@ def _missing_parts(
 ) -> list[str]:
     problems = []
     saved_noise = saved["rng"].get("noise") is not None
-    if saved_noise and optimizer.generator is None:
+    if saved_noise and _noise_generator(optimizer) is None and not _is_secure(optimizer):
         problems.append(
             "noise generator: the saved run drew noise from its own generator, this run from "
             "torch's global RNG; pass noise_generator=torch.Generator() to make_private"
         )
-    elif not saved_noise and optimizer.generator is not None:
+    elif not saved_noise and _noise_generator(optimizer) is not None:
         problems.append(
             "noise generator: the saved run drew noise from torch's global RNG, this run from "
             "its own generator; leave noise_generator unset in make_private"

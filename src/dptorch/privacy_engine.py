@@ -44,6 +44,7 @@ from dptorch.per_sample import PerSampleEngine
 from dptorch.per_sample.capture import is_captured, remove_capture_hooks
 from dptorch.per_sample.engine import LossReduction
 from dptorch.per_sample.terms import NormRoute
+from dptorch.secure_random import SecureRandom
 from dptorch.validation import check_noise_multiplier
 from dptorch.validators import find_problems
 
@@ -54,15 +55,17 @@ class PrivacyEngine:
     Args:
         accountant: ``"prv"`` (default, tight), ``"rdp"``, ``"gdp"`` (an approximation that can
             under-report) or an :class:`~dptorch.accountants.Accountant` instance.
-        secure_mode: reserved for cryptographically secure noise (not available yet; asking
-            for it is an error rather than a silent downgrade).
+        secure_mode: draw the noise and the Poisson batches from a CSPRNG
+            (:class:`~dptorch.secure_random.SecureRandom`: AES-256-CTR keyed by
+            ``os.urandom``, or ``os.urandom`` itself without ``cryptography``), and round
+            released gradients to a grid against floating-point attacks. Secure runs are
+            resumable from checkpoints but never bit-reproducible. See docs/hardening.md.
     """
 
     def __init__(self, *, accountant: str | Accountant = "prv", secure_mode: bool = False) -> None:
-        if secure_mode:
-            raise DPValueError(
-                "secure_mode=True is not available yet in this version of dptorch; refusing "
-                "rather than silently using a non-cryptographic noise source."
+        if not isinstance(secure_mode, bool):
+            raise DPTypeError(
+                f"secure_mode={secure_mode!r} ({type(secure_mode).__name__}) must be True or False."
             )
         self.accountant = (
             create_accountant(accountant) if isinstance(accountant, str) else accountant
@@ -139,7 +142,14 @@ class PrivacyEngine:
         ``(noise_multiplier, q)`` with the accountant, where q is the sampler's actual rate.
         """
         self._check_types(module, optimizer, data_loader)
+        self._check_secure_options(noise_generator)
         module, sync = resolve_distributed(module, distributed)
+        if self.secure_mode and sync is not None:
+            raise DPValueError(
+                "secure_mode=True does not support distributed training yet (each rank would "
+                "need its own CSPRNG share of the batches); train on one process or use "
+                "secure_mode=False."
+            )
         if isinstance(clipping, str) and clipping not in CLIPPING_KINDS:
             raise DPValueError(
                 f"clipping={clipping!r} is not available; use one of {CLIPPING_KINDS}."
@@ -159,7 +169,8 @@ class PrivacyEngine:
         if problems:
             raise UnsupportedModuleError([str(p) for p in problems])
         trainable = _check_parameter_identity(module, optimizer)
-        loader, q = self._private_loader(data_loader, poisson_sampling, sample_rate, sync)
+        secure = SecureRandom() if self.secure_mode else None
+        loader, q = self._private_loader(data_loader, poisson_sampling, sample_rate, sync, secure)
         engine = PerSampleEngine(
             module,
             trainable,
@@ -177,7 +188,7 @@ class PrivacyEngine:
             max_grad_norm=policy.sensitivity,
             expected_batch_size=expected_batch_size,
             loss_reduction=loss_reduction,
-            generator=noise_generator,
+            generator=secure if secure is not None else noise_generator,
             clipping=policy,
         )
         dp_optimizer.gradient_noise_multiplier  # noqa: B018  (refuses an impossible split now)
@@ -425,16 +436,25 @@ class PrivacyEngine:
                 f"data_loader={_show(data_loader)} must be a torch.utils.data.DataLoader."
             )
 
+    def _check_secure_options(self, noise_generator: object) -> None:
+        if self.secure_mode and noise_generator is not None:
+            raise DPValueError(
+                f"noise_generator={noise_generator!r} was given with secure_mode=True; secure "
+                "noise comes from a CSPRNG that cannot be seeded. Drop noise_generator, or "
+                "use PrivacyEngine(secure_mode=False) for reproducible noise."
+            )
+
     @staticmethod
     def _private_loader(
         data_loader: DataLoader[Any],
         poisson_sampling: bool,
         sample_rate: float | None,
         sync: GradientSync | None = None,
+        secure: SecureRandom | None = None,
     ) -> tuple[DataLoader[Any], float]:
         if poisson_sampling:
             kind = DPDataLoader if sync is None else DistributedDPDataLoader
-            loader = kind.from_data_loader(data_loader, sample_rate=sample_rate)
+            loader = kind.from_data_loader(data_loader, sample_rate=sample_rate, generator=secure)
             return loader, loader.sample_rate
         return data_loader, resolve_sample_rate(data_loader, sample_rate)
 

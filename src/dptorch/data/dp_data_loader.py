@@ -12,6 +12,7 @@ from dptorch.data.empty_batch import CollateFn, EmptyBatchCollate
 from dptorch.data.poisson_sampler import PoissonBatchSampler, check_sample_rate
 from dptorch.data.sample_rate import dataset_length, resolve_sample_rate
 from dptorch.errors import DPValueError
+from dptorch.secure_random import SecureRandom
 
 __all__ = ["DPDataLoader"]
 
@@ -58,7 +59,8 @@ class DPDataLoader(DataLoader):
         generator: drives the sampler (and worker seeds); equal seeds give equal batches.
             ``None`` makes a new generator seeded from torch's global RNG, so
             ``torch.manual_seed`` still fixes the batches, and dropout or noise drawn during
-            training does not change them.
+            training does not change them. A :class:`~dptorch.secure_random.SecureRandom`
+            (secure mode) draws the batches from a CSPRNG; they cannot be replayed.
         num_workers: as in ``DataLoader``.
         pin_memory: as in ``DataLoader``.
         **kwargs: other ``DataLoader`` arguments that do not select examples
@@ -78,7 +80,7 @@ class DPDataLoader(DataLoader):
         sample_rate: float,
         steps: int | None = None,
         collate_fn: CollateFn | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | SecureRandom | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
         **kwargs: Any,
@@ -94,12 +96,25 @@ class DPDataLoader(DataLoader):
             )
         num_samples = dataset_length(dataset, where="dataset")
         q = check_sample_rate(sample_rate)
+        secure = None
+        if isinstance(generator, SecureRandom):
+            # The CSPRNG draws the batches; DataLoader's own generator (worker seeds) only
+            # needs to be unpredictable.
+            secure, generator = generator, torch.Generator().manual_seed(generator.seed())
         if generator is None:
             # A generator of its own lets a checkpoint replay the sampler mid-pass without
             # rewinding the global RNG that the model and the noise also draw from.
             seed = int(torch.empty((), dtype=torch.int64).random_())
             generator = torch.Generator().manual_seed(seed)
         batch_sampler = self._batch_sampler(num_samples, q, steps, generator)
+        if secure is not None:
+            if type(batch_sampler) is not PoissonBatchSampler:
+                raise DPValueError(
+                    f"{type(self).__name__} does not support a SecureRandom generator yet; "
+                    "use DPDataLoader, or a torch.Generator."
+                )
+            batch_sampler.generator = secure
+        self.secure_generator = secure
         if isinstance(collate_fn, EmptyBatchCollate):
             collate_fn = collate_fn.collate_fn  # never wrap twice
         super().__init__(
@@ -198,7 +213,7 @@ class DPDataLoader(DataLoader):
         cls,
         data_loader: DataLoader,
         *,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | SecureRandom | None = None,
         sample_rate: float | None = None,
         steps: int | None = None,
     ) -> DPDataLoader:
@@ -253,7 +268,9 @@ class DPDataLoader(DataLoader):
             sample_rate=q,
             steps=steps,
             collate_fn=collate_fn,
-            generator=generator if generator is not None else data_loader.generator,
+            generator=generator
+            if generator is not None
+            else getattr(data_loader, "secure_generator", None) or data_loader.generator,
             **loading,
         )
 

@@ -21,8 +21,9 @@ from torch.optim import Optimizer
 from dptorch.clipping import AutomaticClipping, ClippingPolicy, FlatClipping, PerLayerClipping
 from dptorch.distributed import GradientSync
 from dptorch.errors import DPTypeError, DPValueError, TrainingLoopError
-from dptorch.noise import gaussian_noise, noise_dtype
+from dptorch.noise import gaussian_noise, noise_dtype, round_to_noise_grid_
 from dptorch.per_sample.engine import ClippedBatch, LossReduction, PerSampleEngine
+from dptorch.secure_random import SecureRandom
 from dptorch.validation import check_noise_multiplier, check_positive_number
 
 StepHook = Callable[["DPOptimizer"], None]
@@ -56,7 +57,9 @@ class DPOptimizer(Optimizer):
         expected_batch_size: ``q * N``, the divisor for ``loss_reduction="mean"``.
         loss_reduction: ``"mean"`` divides the noisy sum by ``expected_batch_size``;
             ``"sum"`` releases the noisy sum.
-        generator: the noise source (global torch RNG when ``None``).
+        generator: the noise source (global torch RNG when ``None``); a
+            :class:`~dptorch.secure_random.SecureRandom` gives secure mode (CSPRNG noise in
+            float64, released values rounded to a grid: see :mod:`dptorch.noise`).
         clipping: the clipping policy (:mod:`dptorch.clipping`); ``None`` means flat clipping
             at ``max_grad_norm``. The noise std is ``sigma`` times the policy's sensitivity.
 
@@ -77,7 +80,7 @@ class DPOptimizer(Optimizer):
         max_grad_norm: float,
         expected_batch_size: float,
         loss_reduction: LossReduction = "mean",
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | SecureRandom | None = None,
         clipping: ClippingPolicy | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -308,6 +311,7 @@ class DPOptimizer(Optimizer):
         # (noise + sum) / divisor computed as noise' + sum / divisor with noise' drawn at std
         # sigma C / divisor: one fused pass, and p.grad is a view of the one noise buffer.
         std = self.gradient_noise_multiplier * self.clipping.sensitivity / divisor
+        release_std = std  # the grid of secure mode follows the noise actually released
         sync = self.gradient_sync
         if sync is not None and not sync.draws_noise:
             std = 0.0  # one rank draws the noise, so the all-reduced sum has it exactly once
@@ -332,6 +336,7 @@ class DPOptimizer(Optimizer):
                     noise.view(param.shape).add_(total.to(dtype), alpha=1.0 / divisor)
             if sync is not None:
                 sync.sum_(flat)  # one collective per group, in the same order on every rank
+            round_to_noise_grid_(flat, release_std, self.generator)  # secure mode only
             for param, noisy in zip(members, flat.split(sizes), strict=True):
                 param.grad = noisy.view(param.shape).to(param.dtype)
                 self.engine.note_released(param, param.grad)

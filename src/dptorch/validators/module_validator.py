@@ -6,6 +6,7 @@ import copy
 import math
 from typing import Any, Literal
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
@@ -18,7 +19,7 @@ BatchNormReplacement = Literal["group_norm", "instance_norm"]
 
 def _same_place(new: nn.Module, old: nn.Module) -> nn.Module:
     """``new`` on the device and in the dtype of ``old``'s first tensor (if it has any)."""
-    reference = next(iter(old.parameters()), None)
+    reference: torch.Tensor | None = next(iter(old.parameters()), None)
     if reference is None:
         reference = next(iter(old.buffers()), None)
     if reference is None:
