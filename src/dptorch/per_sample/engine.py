@@ -23,6 +23,7 @@ from dptorch.per_sample.rules import (
     SUBTREE_OWNERS,
     RuleContext,
     has_dedicated_rule,
+    has_registered_rule,
     owned_parameters,
     rule_for,
 )
@@ -128,7 +129,14 @@ class PerSampleEngine:
             for m in captured.values()
             if skip_param_grads and has_dedicated_rule(m)
         }
-        self.skipper = ParameterGradSkipper({m: names for m, names in swaps.items() if names})
+        swaps = {m: names for m, names in swaps.items() if names}
+        # Registered (user) rules are checked against autograd on the first step, so their
+        # ordinary gradients are only skipped once that check has passed.
+        on_trust = {m: n for m, n in swaps.items() if not (verify and has_registered_rule(m))}
+        self.skipper = ParameterGradSkipper(on_trust)
+        self._deferred_skipper = ParameterGradSkipper(
+            {m: n for m, n in swaps.items() if m not in on_trust}
+        )
         self._skipped = frozenset(self.skipper.parameters)
         # The gradients the optimizer released last, to tell them from foreign ones.
         self._released: dict[Tensor, tuple[Tensor, int]] = {}
@@ -140,6 +148,7 @@ class PerSampleEngine:
     def detach(self) -> None:
         self.capture.detach()
         self.skipper.detach()
+        self._deferred_skipper.detach()
 
     def note_released(self, param: Tensor, grad: Tensor) -> None:
         """Remember the gradient the optimizer stored in ``param.grad``."""
@@ -178,6 +187,9 @@ class PerSampleEngine:
         if self._verify_pending and rows > 0:
             self._verify_against_autograd(by_param, records)  # on rows: autograd sums rows
             self._verify_pending = False
+            verified_now = True
+        else:
+            verified_now = False
         multiplicity = self.augmentation_multiplicity
         batch = check_group_size(rows, multiplicity)
         if multiplicity > 1:
@@ -204,7 +216,21 @@ class PerSampleEngine:
             for param, terms in by_param.items()
         }
         self._check_no_foreign_gradients()
+        if verified_now:  # after the check above: this step's autograd .grad is expected
+            self._trust_registered_rules()
         return ClippedBatch(sums, batch, norms, factors, nonfinite)
+
+    def _trust_registered_rules(self) -> None:
+        """After the first check passed: skip the ordinary gradients of registered rules too.
+
+        Its hooks go in front of the capture's, like the main skipper's, so the capture sees
+        the outputs it may replace.
+        """
+        deferred = self._deferred_skipper.parameters
+        if not deferred:
+            return
+        self._deferred_skipper.attach(prepend=True)
+        self._skipped = self._skipped | frozenset(deferred)
 
     def _any_double(self) -> bool:
         return any(p.dtype == torch.float64 for p in self._ordered)

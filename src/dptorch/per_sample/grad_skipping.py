@@ -44,15 +44,18 @@ class ParameterGradSkipper:
     def parameters(self) -> list[nn.Parameter]:
         return [m._parameters[n] for m, names in self._modules.items() for n in names]  # type: ignore[misc]
 
-    def attach(self) -> None:
-        """Register before the capture's hooks: those must see the replaced output."""
+    def attach(self, *, prepend: bool = False) -> None:
+        """Register before the capture's hooks (or ``prepend`` to them, if those are in place):
+        they must see the replaced output."""
         for module, names in self._modules.items():
             pre = self._make_pre_hook(names)
             post = self._make_post_hook()
             setattr(pre, HOOK_MARK, True)
             setattr(post, HOOK_MARK, True)
-            self._handles.append(module.register_forward_pre_hook(pre))
-            self._handles.append(module.register_forward_hook(post, always_call=True))
+            self._handles.append(module.register_forward_pre_hook(pre, prepend=prepend))
+            self._handles.append(
+                module.register_forward_hook(post, always_call=True, prepend=prepend)
+            )
 
     def detach(self) -> None:
         for handle in self._handles:

@@ -53,8 +53,19 @@ def _named_rule(kind: type[nn.Module]) -> Rule | None:
 def register_rule(module_type: type[nn.Module], rule: Rule, *, overwrite: bool = False) -> None:
     """Use ``rule`` for modules of exactly ``module_type``.
 
-    Privacy: a rule must return the exact per-sample gradients of the parameters the module
-    owns directly; the first optimizer step checks their sum against autograd's gradient.
+    A rule is ``rule(module, record, ctx) -> list[GradTerm]``: from one forward call (its
+    inputs ``record.args`` / ``record.kwargs`` and output gradients ``record.grads``, see
+    :func:`dptorch.per_sample.rules.base.input_and_grad`), the per-example gradients of the
+    parameters the module owns directly (``ctx.wants(param)``), as
+    :class:`~dptorch.per_sample.terms.DenseTerm` (``[B, *param.shape]``) or
+    :class:`~dptorch.per_sample.terms.OuterTerm` (factors whose outer product is the gradient).
+    With ``loss_reduction="mean"`` the output gradients are those of the batch-mean loss; the
+    engine rescales, so the rule never needs to.
+
+    Privacy: a rule must return the exact per-sample gradients. A registered (not built-in)
+    rule is checked on the first non-empty step: autograd still computes that layer's ordinary
+    gradient on that step, and the step is refused if the rule's per-example gradients do not
+    add up to it. From the second step on, the ordinary gradient is skipped as for built-ins.
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise DPTypeError(
@@ -65,6 +76,16 @@ def register_rule(module_type: type[nn.Module], rule: Rule, *, overwrite: bool =
             f"A rule for {module_type.__name__} exists already; pass overwrite=True to replace it."
         )
     _custom_rules[module_type] = rule
+
+
+def unregister_rule(module_type: type[nn.Module]) -> None:
+    """Forget a rule registered with :func:`register_rule` (built-in rules stay)."""
+    _custom_rules.pop(module_type, None)
+
+
+def has_registered_rule(module: nn.Module) -> bool:
+    """Whether ``module``'s rule came from :func:`register_rule` (so is checked first)."""
+    return type(module) in _custom_rules
 
 
 def rule_for(module: nn.Module) -> Rule:
@@ -85,7 +106,9 @@ __all__ = [
     "Rule",
     "RuleContext",
     "has_dedicated_rule",
+    "has_registered_rule",
     "owned_parameters",
     "register_rule",
     "rule_for",
+    "unregister_rule",
 ]
