@@ -3,7 +3,7 @@
 Run: ``make bench`` (or ``.venv/bin/python benchmarks/training.py``). Options: ``--quick``
 (few steps, a smoke run), ``--models mlp,cnn`` (a subset), ``--profile`` (torch.profiler top
 ops of dptorch's steps instead of timing). Writes ``benchmarks/results/training.json`` and
-``training.md``.
+``training.md`` (``--output STEM`` writes ``STEM.json``/``.md`` instead).
 
 Every (model, mode) runs in a fresh process (this script, re-invoked with ``--worker``), so
 one configuration's allocator state, caches and imports never leak into another's numbers.
@@ -53,6 +53,7 @@ MODES = (
     "dptorch-auto",
     "dptorch-ghost",
     "dptorch-instantiate",
+    "dptorch-secure",  # norm_route="auto" with PrivacyEngine(secure_mode=True)
     "opacus-hooks",
     "opacus-ghost",
 )
@@ -85,15 +86,23 @@ class MeanPoolTransformer(nn.Module):
         return self.head(h.mean(dim=1))  # [B, classes]
 
 
-class LSTMClassifier(nn.Module):
-    def __init__(self, vocab: int = 10_000, dim: int = 128, classes: int = 2) -> None:
+class RecurrentClassifier(nn.Module):
+    """Embedding -> stock ``nn.LSTM``/``nn.GRU`` -> Linear on the last step.
+
+    The private modes swap the recurrent layer for its DP-ready version (dptorch: ``DPLSTM``
+    or ``DPGRU`` via ``from_module``; Opacus: its ``ModuleValidator.fix``).
+    """
+
+    def __init__(
+        self, vocab: int = 10_000, dim: int = 128, classes: int = 2, cell: type = nn.LSTM
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.lstm = nn.LSTM(dim, dim, batch_first=True)
+        self.rnn = cell(dim, dim, batch_first=True)
         self.head = nn.Linear(dim, classes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(self.embed(tokens))  # [B, T, d]
+        out, _ = self.rnn(self.embed(tokens))  # [B, T, d]
         return self.head(out[:, -1])
 
 
@@ -235,8 +244,13 @@ MODELS: dict[str, ModelSpec] = {
         _tokens(32, 64, 2),  # type: ignore[arg-type]
     ),
     "lstm": ModelSpec(
-        "Embedding 10000x128 + nn.LSTM 128, seq 64, batch 64",
-        LSTMClassifier,
+        "Embedding 10000x128 + nn.LSTM 128 (dptorch: DPLSTM), seq 64, batch 64",
+        RecurrentClassifier,
+        _tokens(64, 64, 2),  # type: ignore[arg-type]
+    ),
+    "gru": ModelSpec(
+        "Embedding 10000x128 + nn.GRU 128 (dptorch: DPGRU), seq 64, batch 64",
+        lambda: RecurrentClassifier(cell=nn.GRU),
         _tokens(64, 64, 2),  # type: ignore[arg-type]
     ),
     "resnet": ModelSpec(
@@ -286,13 +300,17 @@ def _prepare(model_name: str, mode: str) -> tuple[Callable[[], Any], dict[str, A
     if mode.startswith("dptorch-"):
         import dptorch
 
-        engine = dptorch.PrivacyEngine()
+        model, replaced = _dp_layers(model)
+        if replaced:
+            notes["dptorch_fix"] = f"replaced {replaced} with their dptorch.layers versions"
+        secure = mode == "dptorch-secure"
+        engine = dptorch.PrivacyEngine(secure_mode=secure)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         model, optimizer, _ = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
-            norm_route=mode.removeprefix("dptorch-"),  # type: ignore[arg-type]
+            norm_route="auto" if secure else mode.removeprefix("dptorch-"),  # type: ignore[arg-type]
             **private,
         )
         accountant = engine.accountant
@@ -336,6 +354,18 @@ def _prepare(model_name: str, mode: str) -> tuple[Callable[[], Any], dict[str, A
         notes["accountant"] = type(accountant).__name__
         notes["_accountant"] = accountant
     return step, notes
+
+
+def _dp_layers(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """``dptorch.ModuleValidator.fix``: stock attention / recurrent layers swapped for
+    dptorch's DP-ready ones (what the Opacus modes get from Opacus's own ``fix``); returns the
+    fixed model and the names of the layer types it replaced."""
+    from dptorch import ModuleValidator
+
+    before = {type(m).__name__ for m in model.modules()}
+    fixed = ModuleValidator.fix(model)
+    after = {type(m).__name__ for m in fixed.modules()}
+    return fixed, sorted(before - after)
 
 
 def _rss_kib(field: str) -> int | None:
@@ -548,7 +578,7 @@ def _table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_all(models: list[str], quick: bool, timeout: float) -> None:
+def run_all(models: list[str], quick: bool, timeout: float, output: str | None = None) -> None:
     """Run every mode of ``models``; a full default run writes ``training.json``/``.md``,
     a ``--quick`` or ``--models`` subset writes ``training.partial.*`` so it never replaces
     the published table."""
@@ -596,7 +626,7 @@ def run_all(models: list[str], quick: bool, timeout: float) -> None:
     }
     table = _table(results)
     RESULTS.mkdir(exist_ok=True)
-    stem = "training" if not quick and models == list(MODELS) else "training.partial"
+    stem = output or ("training" if not quick and models == list(MODELS) else "training.partial")
     (RESULTS / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
     )
@@ -639,6 +669,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300, help="seconds per config")
     parser.add_argument("--profile", action="store_true", help="profile dptorch, no timing")
     parser.add_argument("--route", default="auto", help="dptorch norm_route for --profile")
+    parser.add_argument(
+        "--output", help="file stem under benchmarks/results/ (default: training[.partial])"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=3, help=argparse.SUPPRESS)
@@ -655,7 +688,7 @@ def main() -> None:
     if args.profile:
         profile(models, args.route, rows=15)
         return
-    run_all(models, args.quick, args.timeout)
+    run_all(models, args.quick, args.timeout, args.output)
 
 
 if __name__ == "__main__":

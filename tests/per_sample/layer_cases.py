@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from dptorch.layers import DPGRU, DPLSTM, DPRNN
 
 
 class Scale(nn.Module):
@@ -94,6 +97,71 @@ class SeqFirst(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:  # idx: [T, B]
         return self.proj(self.norm(self.embed(idx))).transpose(0, 1)  # [B, T, 3]
+
+
+class DPRecurrent(nn.Module):
+    """A dptorch recurrent layer, its whole output sequence used.
+
+    ``learned_state``: ``h0`` (and ``c0``) computed from the first input step, so gradients
+    reach the recurrent weights through a non-zero initial state. ``transpose``: the layer is
+    time-major inside a batch-first model.
+    """
+
+    def __init__(
+        self, rnn: nn.Module, learned_state: bool = False, transpose: bool = False
+    ) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.transpose = transpose
+        sizes = [rnn.proj_size or rnn.hidden_size] + [rnn.hidden_size] * (rnn.mode == "LSTM")
+        self.sizes = sizes
+        self.init = nn.Linear(rnn.input_size, sum(sizes)) if learned_state else None
+        self.out = nn.Linear(rnn.num_directions * sizes[0], 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hx = None
+        if self.init is not None:  # x: [B, T, d]
+            states = torch.tanh(self.init(x[:, 0])).unsqueeze(0).split(self.sizes, dim=2)
+            hx = states if len(states) == 2 else states[0]
+        out, _ = self.rnn(x.transpose(0, 1) if self.transpose else x, hx)
+        return self.out(out.transpose(0, 1) if self.transpose else out)
+
+
+class PackedDPRecurrent(nn.Module):
+    """Embedding -> PackedSequence (token 0 pads the end) -> dptorch recurrent layer -> Linear."""
+
+    def __init__(self, rnn: nn.Module, enforce_sorted: bool) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, rnn.input_size)
+        self.rnn = rnn
+        self.enforce_sorted = enforce_sorted
+        self.out = nn.Linear(rnn.num_directions * rnn.hidden_size, 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:  # [B, T]
+        lengths = (tokens != 0).sum(dim=1).cpu()
+        packed = pack_padded_sequence(
+            self.embed(tokens), lengths, batch_first=True, enforce_sorted=self.enforce_sorted
+        )
+        out, _ = self.rnn(packed)
+        padded, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+        return self.out(padded)
+
+
+class _First(nn.Module):
+    """The output sequence of a recurrent layer's ``(output, state)``."""
+
+    def forward(self, pair: tuple[Tensor, object]) -> Tensor:
+        return pair[0]
+
+
+def _padded_tokens(length: int, sort: bool) -> Callable[[int], Tensor]:
+    def make(batch: int) -> Tensor:
+        lengths = torch.randint(1, length + 1, (batch,))
+        lengths = lengths.sort(descending=True).values if sort else lengths
+        tokens = torch.randint(1, 9, (batch, length))
+        return tokens * (torch.arange(length) < lengths.unsqueeze(1))
+
+    return make
 
 
 @dataclass(frozen=True)
@@ -213,5 +281,46 @@ CASES: list[LayerCase] = [
         lambda b: torch.randn(5, b, 3),
         batch_first=False,
         output_batch_dim=1,
+    ),
+    LayerCase(
+        "dplstm_two_layers_bidirectional",
+        lambda: DPRecurrent(DPLSTM(4, 5, num_layers=2, bidirectional=True, batch_first=True)),
+        _randn(3, 4),
+    ),
+    LayerCase(
+        "dplstm_proj_learned_state",
+        lambda: DPRecurrent(DPLSTM(4, 5, proj_size=3, batch_first=True), learned_state=True),
+        _randn(4, 4),
+    ),
+    LayerCase(
+        "dpgru_learned_state",
+        lambda: DPRecurrent(DPGRU(4, 5, batch_first=True), learned_state=True),
+        _randn(4, 4),
+    ),
+    # Time-major everywhere, with T equal to the batch size (6): read in the wrong layout, the
+    # input projection's batch sizes would still agree and only the oracle would notice.
+    LayerCase(
+        "dpgru_time_major_bidirectional",
+        lambda: nn.Sequential(DPGRU(4, 5, bidirectional=True), _First(), nn.Linear(10, 2)),
+        lambda b: torch.randn(6, b, 4),
+        batch_first=False,
+        output_batch_dim=1,
+    ),
+    LayerCase(
+        "dprnn_relu_time_major_in_batch_first_model",
+        lambda: DPRecurrent(DPRNN(4, 5, 2, "relu"), transpose=True),
+        _randn(6, 4),
+    ),
+    LayerCase(
+        "dplstm_packed_unsorted",
+        lambda: PackedDPRecurrent(
+            DPLSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True), False
+        ),
+        _padded_tokens(5, sort=False),
+    ),
+    LayerCase(
+        "dpgru_packed_sorted",
+        lambda: PackedDPRecurrent(DPGRU(3, 4, bidirectional=True), True),
+        _padded_tokens(5, sort=True),
     ),
 ]

@@ -16,7 +16,7 @@ from dptorch.per_sample.rules.conv import conv_rule
 from dptorch.per_sample.rules.embedding import embedding_rule
 from dptorch.per_sample.rules.functional import SUBTREE_OWNERS, functional_rule, owned_parameters
 from dptorch.per_sample.rules.hf_conv1d import hf_conv1d_rule
-from dptorch.per_sample.rules.linear import linear_rule
+from dptorch.per_sample.rules.linear import batch_first_linear_rule, linear_rule
 from dptorch.per_sample.rules.normalization import (
     group_norm_rule,
     instance_norm_rule,
@@ -42,6 +42,7 @@ _BUILTIN_RULES: dict[type[nn.Module], Rule] = {
 _RULES_BY_NAME: dict[str, Rule] = {
     "transformers.pytorch_utils.Conv1D": hf_conv1d_rule,
     "dptorch.layers.attention.AppendedPosition": appended_position_rule,
+    "dptorch.layers.recurrent_base._SequenceLinear": batch_first_linear_rule,
 }
 _custom_rules: dict[type[nn.Module], Rule] = {}
 

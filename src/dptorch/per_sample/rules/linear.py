@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from torch import nn
@@ -32,3 +33,10 @@ def linear_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> list
     if module.bias is not None and ctx.wants(module.bias):
         terms.append(DenseTerm(module.bias, rows.sum(dim=(1, 2))))
     return terms
+
+
+def batch_first_linear_rule(
+    module: nn.Module, record: CallRecord, ctx: RuleContext
+) -> list[GradTerm]:
+    """:func:`linear_rule` for layers always called batch first (DP recurrent layers' parts)."""
+    return linear_rule(module, record, dataclasses.replace(ctx, batch_first=True))

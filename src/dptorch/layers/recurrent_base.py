@@ -1,0 +1,287 @@
+"""What ``DPLSTM``, ``DPGRU`` and ``DPRNN`` share: PyTorch's recurrent layers from ``nn.Linear``.
+
+Stock ``nn.LSTM`` runs every step inside one fused kernel, so no layer hook sees a step's
+input or output gradient: dptorch can only reach it through the ``torch.func`` fallback
+(exact but slow), and ``nn.GRU``/``nn.RNN`` not at all. Here each layer and direction owns
+
+* ``ih_l{k}``: an ``nn.Linear(d_in, G*H)`` applied once to the whole sequence (``W_ih``,
+  ``b_ih``), batched over time;
+* ``hh_l{k}``: an ``nn.Linear(H, G*H)`` called once per step on ``h_{t-1}`` (``W_hh``,
+  ``b_hh``); dptorch's engine merges its ``T`` calls into one per-sample term;
+* ``hr_l{k}`` (LSTM with ``proj_size`` only): ``nn.Linear(H, P, bias=False)`` per step,
+
+(``_reverse`` appended for the backward direction), and the gate arithmetic in between has no
+parameters (see :mod:`dptorch.layers.recurrent_cells`). Constructor, forward signature,
+outputs, ``PackedSequence`` handling and ``state_dict`` keys are PyTorch's: state-dict hooks
+rename ``ih_l0.weight`` <-> ``weight_ih_l0``, and ``layer.weight_ih_l0`` reads the parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from dptorch.errors import DPTypeError, DPValueError
+from dptorch.layers.recurrent_cells import Scan
+from dptorch.layers.recurrent_keys import TORCH_KEY, from_torch_keys, to_torch_keys
+
+__all__ = ["DPRNNBase"]
+
+
+class _SequenceLinear(nn.Linear):
+    """``nn.Linear`` that the recurrent layers always call on batch-first ``[B, T, in]``.
+
+    Its rule reads the batch from dimension 0 whatever ``make_private(batch_first=)`` says, so
+    a recurrent layer's layout never has to match the engine's: a mismatch could otherwise
+    group one example's time steps with other examples when ``T == B``. (Its rule,
+    ``batch_first_linear_rule``, is built in: see ``dptorch.per_sample.rules``.)
+    """
+
+
+class DPRNNBase(nn.Module):
+    """What ``DPLSTM``, ``DPGRU`` and ``DPRNN`` share; see :class:`DPLSTM` for the arguments.
+
+    Privacy: an example's outputs depend only on its own sequence (the recurrence runs along
+    time, never across the batch), and every parameter is used only through calls of its own
+    ``nn.Linear``, so dptorch's per-sample gradients, hence the clipping bound, are exact.
+    Dropout between layers is drawn once per forward, as in training without DP.
+    """
+
+    _TORCH_TYPE: ClassVar[type[nn.RNNBase]]
+    _GATES: ClassVar[int]
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not (0.0 <= float(dropout) <= 1.0):
+            raise DPValueError(f"{name}(dropout={dropout}) must be a probability in [0, 1].")
+        if min(input_size, hidden_size, num_layers) <= 0 or proj_size < 0:
+            raise DPValueError(
+                f"{name}(input_size={input_size}, hidden_size={hidden_size}, num_layers="
+                f"{num_layers}, proj_size={proj_size}): sizes and num_layers must be positive "
+                "(proj_size may be 0)."
+            )
+        if proj_size >= hidden_size:
+            raise DPValueError(
+                f"{name}(proj_size={proj_size}) must be smaller than hidden_size={hidden_size}."
+            )
+        self.mode = self._TORCH_TYPE.__name__
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        out_size = proj_size or hidden_size
+        gates = self._GATES * hidden_size
+        # [(ih, hh, hr or None)] per layer and direction, forward direction first.
+        self._cells: list[tuple[str, str, str | None]] = []
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else out_size * self.num_directions
+            for suffix in ("", "_reverse")[: self.num_directions]:
+                key = f"l{layer}{suffix}"
+                self.add_module(f"ih_{key}", _SequenceLinear(layer_in, gates, bias, **factory))
+                self.add_module(f"hh_{key}", nn.Linear(out_size, gates, bias, **factory))
+                if proj_size:
+                    self.add_module(
+                        f"hr_{key}", nn.Linear(hidden_size, proj_size, False, **factory)
+                    )
+                self._cells.append((f"ih_{key}", f"hh_{key}", f"hr_{key}" if proj_size else None))
+        self.register_state_dict_post_hook(to_torch_keys)
+        self.register_load_state_dict_pre_hook(from_torch_keys)
+        self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def reset_parameters(self) -> None:
+        """PyTorch's initialisation: every weight and bias ``U(-1/sqrt(H), 1/sqrt(H))``."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for param in self.parameters():
+            nn.init.uniform_(param, -bound, bound)
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written for cuDNN's ``nn.LSTM``: there is nothing to flatten."""
+
+    def _scan(self) -> Scan:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        text = f"{self.input_size}, {self.hidden_size}"
+        defaults = {  # PyTorch's order, so reprs of converted models read the same
+            "proj_size": 0,
+            "num_layers": 1,
+            "bias": True,
+            "batch_first": False,
+            "dropout": 0.0,
+            "bidirectional": False,
+        }
+        for key, default in defaults.items():
+            if getattr(self, key) != default:
+                text += f", {key}={getattr(self, key)}"
+        return text
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            match = TORCH_KEY.match(name)
+            module = self._modules.get(f"{match[2]}_{match[3]}") if match else None
+            param = getattr(module, match[1], None) if match and module is not None else None
+            if param is None:
+                raise
+            return param
+
+    # -- conversion ------------------------------------------------------------------------
+    @classmethod
+    def _constructor_kwargs(cls, module: nn.RNNBase) -> dict[str, Any]:
+        return {
+            "input_size": module.input_size,
+            "hidden_size": module.hidden_size,
+            "num_layers": module.num_layers,
+            "bias": module.bias,
+            "batch_first": module.batch_first,
+            "dropout": module.dropout,
+            "bidirectional": module.bidirectional,
+        }
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> DPRNNBase:
+        """A copy of a stock PyTorch layer: same weights, device, dtype, training flag and
+        ``requires_grad`` flags; equal outputs."""
+        if type(module) is not cls._TORCH_TYPE:
+            raise DPTypeError(
+                f"{cls.__name__}.from_module needs an nn.{cls._TORCH_TYPE.__name__}, got "
+                f"{type(module).__name__}."
+            )
+        assert isinstance(module, nn.RNNBase)
+        reference = module.weight_ih_l0
+        assert isinstance(reference, Tensor)
+        copy = cls(
+            **cls._constructor_kwargs(module), device=reference.device, dtype=reference.dtype
+        )
+        copy.load_state_dict(module.state_dict())
+        for name, param in module.named_parameters():
+            getattr(copy, name).requires_grad_(param.requires_grad)
+        return copy.train(module.training)
+
+    # -- forward ---------------------------------------------------------------------------
+    def _run(
+        self, input: Tensor | PackedSequence, hx: tuple[Tensor, ...] | None
+    ) -> tuple[Tensor | PackedSequence, tuple[Tensor, ...]]:
+        """The whole stack; ``hx``/the result's states are ``(h,)`` or ``(h, c)``."""
+        valid: list[Tensor] | None = None
+        if isinstance(input, PackedSequence):
+            x, lengths = pad_packed_sequence(input, batch_first=True)  # [B, T, d], input order
+            if int(lengths.min()) < x.shape[1]:
+                positions = torch.arange(x.shape[1], device=lengths.device)
+                mask = (positions.unsqueeze(1) < lengths.unsqueeze(0)).to(x.device)  # [T, B]
+                valid = list(mask.unsqueeze(2).unbind(0))  # T x [B, 1]
+            unbatched, time_major = False, False
+        else:
+            if input.dim() not in (2, 3):
+                raise DPValueError(
+                    f"{type(self).__name__} expects a 3-d (batched) or 2-d (unbatched) input or "
+                    f"a PackedSequence, got shape {tuple(input.shape)}."
+                )
+            unbatched = input.dim() == 2
+            time_major = not (self.batch_first or unbatched)
+            x = input.unsqueeze(0) if unbatched else input.transpose(0, 1) if time_major else input
+        if x.shape[-1] != self.input_size:
+            raise DPValueError(
+                f"{type(self).__name__}(input_size={self.input_size}) got inputs with "
+                f"{x.shape[-1]} features (shape {tuple(x.shape)}); pass batch_first= matching "
+                "your layout or fix input_size."
+            )
+        states = self._initial_states(x, hx, unbatched)
+        finals: list[list[Tensor]] = [[] for _ in states]
+        scan = self._scan()
+        layer_input = x  # [B, T, d] (a view when time_major)
+        steps_total = x.shape[1]
+        forward_order = range(steps_total)
+        reverse_order = range(steps_total - 1, -1, -1)
+        for layer in range(self.num_layers):
+            outputs: list[Tensor] = []
+            for direction in range(self.num_directions):
+                index = layer * self.num_directions + direction
+                ih, hh, hr = self._cells[index]
+                projected = self._modules[ih](layer_input)  # type: ignore[misc]  # [B, T, G*H]
+                order = reverse_order if direction else forward_order
+                steps, final = scan(
+                    projected.unbind(1),
+                    tuple(s[index] for s in states),
+                    self._modules[hh],  # type: ignore[arg-type]
+                    self._modules[hr] if hr else None,
+                    order,
+                    valid,
+                )
+                if direction:
+                    steps.reverse()
+                outputs.append(torch.stack(steps, dim=0 if time_major else 1))
+                for kept, state in zip(finals, final, strict=True):
+                    kept.append(state)
+            layer_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_output = F.dropout(layer_output, self.dropout, training=True)
+            layer_input = layer_output.transpose(0, 1) if time_major else layer_output
+        result = tuple(torch.stack(kept) for kept in finals)  # each [L*D, B, H]
+        if isinstance(input, PackedSequence):
+            return _repack(layer_output, input), result
+        if unbatched:
+            return layer_output.squeeze(0), tuple(s.squeeze(1) for s in result)
+        return layer_output, result
+
+    def _initial_states(
+        self, x: Tensor, hx: tuple[Tensor, ...] | None, unbatched: bool
+    ) -> tuple[Tensor, ...]:
+        batch = x.shape[0]
+        stacked = self.num_layers * self.num_directions
+        sizes = [self.proj_size or self.hidden_size]
+        if self._TORCH_TYPE is nn.LSTM:
+            sizes.append(self.hidden_size)
+        if hx is None:
+            return tuple(x.new_zeros(stacked, batch, size) for size in sizes)
+        states = tuple(h.unsqueeze(1) if unbatched else h for h in hx)
+        for i, (state, size) in enumerate(zip(states, sizes, strict=True)):
+            if tuple(state.shape) != (stacked, batch, size):
+                expected = (stacked, size) if unbatched else (stacked, batch, size)
+                raise DPValueError(
+                    f"{type(self).__name__}: initial state {('h0', 'c0')[i]} has shape "
+                    f"{tuple(hx[i].shape)}, expected {expected} (num_layers * num_directions, "
+                    "batch, hidden)."
+                )
+        return states
+
+
+def _repack(padded: Tensor, like: PackedSequence) -> PackedSequence:
+    """``padded`` ``[B, T, ...]`` (input order) packed like ``like``, sharing its indices."""
+    batch = int(like.batch_sizes[0])
+    # Sorted lengths: sequence j is alive at every step whose batch size exceeds j.
+    lengths = (like.batch_sizes.unsqueeze(0) > torch.arange(batch).unsqueeze(1)).sum(dim=1)
+    if like.sorted_indices is not None:
+        padded = padded.index_select(0, like.sorted_indices)
+    packed = pack_padded_sequence(padded, lengths, batch_first=True)
+    return PackedSequence(
+        packed.data, packed.batch_sizes, like.sorted_indices, like.unsorted_indices
+    )
