@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from dptorch.accountants import Accountant
+from dptorch.checkpoint_guard import optimizer_problems, snapshot
 from dptorch.data import DPDataLoader
 from dptorch.errors import DPTypeError, DPValueError
 from dptorch.optimizers import DPOptimizer
@@ -173,6 +174,7 @@ def load_checkpoint(
     problems = _mismatches(saved["privacy"], _settings(optimizer, accountant, sample_rate))
     problems += _missing_parts(saved, optimizer, data_loader, extras or {})
     problems += _module_problems(saved["module"], module)
+    problems += optimizer_problems(saved["optimizer"], optimizer)
     recorded = [tuple(e) for e in accountant.history]
     if recorded and recorded != [tuple(e) for e in saved["accountant"]["history"]]:
         problems.append(
@@ -187,14 +189,24 @@ def load_checkpoint(
             + "\nBuild the run with the checkpoint's settings (the same accountant, secure_mode, "
             "noise_multiplier, max_grad_norm, data and batch size), or start a new run."
         )
-    module.load_state_dict(saved["module"])
-    optimizer.load_state_dict(saved["optimizer"])
-    for name, obj in (extras or {}).items():
-        obj.load_state_dict(saved["extras"][name])
-    accountant.load_state_dict(saved["accountant"])
-    _restore_rng(saved["rng"], optimizer)
-    if data_loader is not None:
-        data_loader.load_state_dict(saved["data_loader"])
+    # A damaged or hand-edited file can pass the checks above and fail half-way through;
+    # then every part already loaded is put back, so a refusal never leaves a mixed run.
+    undo = snapshot(module, optimizer, accountant, extras or {})
+    try:
+        module.load_state_dict(saved["module"])
+        optimizer.load_state_dict(saved["optimizer"])
+        for name, obj in (extras or {}).items():
+            obj.load_state_dict(saved["extras"][name])
+        accountant.load_state_dict(saved["accountant"])
+        _restore_rng(saved["rng"], optimizer)
+        if data_loader is not None:  # last: it checks everything before it changes anything
+            data_loader.load_state_dict(saved["data_loader"])
+    except Exception as error:
+        undo()
+        raise DPValueError(
+            f"{where} is damaged or was edited ({type(error).__name__}: {error}); nothing "
+            "was loaded. Resume from another checkpoint written by save_checkpoint."
+        ) from error
     loader_state = saved["data_loader"]
     return ResumeInfo(
         steps=len(accountant),
@@ -262,7 +274,16 @@ def _check_parts(optimizer: object, data_loader: object) -> None:
 # -- what is checked on load -----------------------------------------------------------------
 def _read(path: Path, map_location: str | torch.device | None) -> dict[str, Any]:
     saved = load_weights_only(path, map_location)
-    keys = ("privacy", "accountant", "module", "optimizer", "rng", "data_loader", "extras")
+    keys = (
+        "privacy",
+        "accountant",
+        "module",
+        "optimizer",
+        "rng",
+        "data_loader",
+        "extras",
+        "metadata",
+    )
     if not (
         isinstance(saved, dict) and saved.get("format") == _FORMAT and set(keys) <= saved.keys()
     ):

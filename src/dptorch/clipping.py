@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from dptorch.errors import DPTypeError, DPValueError
+from dptorch.noise import gaussian_noise, round_to_noise_grid_
+from dptorch.secure_random import SecureRandom
 from dptorch.validation import check_number
 
 
@@ -226,15 +228,24 @@ class AdaptiveClipping:
         return remaining**-0.5
 
     def update(
-        self, norms: Tensor, expected_batch_size: float, generator: torch.Generator | None
+        self,
+        norms: Tensor,
+        expected_batch_size: float,
+        generator: torch.Generator | SecureRandom | None,
     ) -> None:
         """Move ``C`` after a release, from the logical batch's norms and fresh count noise."""
         unclipped = float((norms <= self.flat.max_grad_norm).sum()) - 0.5 * norms.numel()
         device = generator.device if generator is not None else norms.device
-        noise = torch.empty((), dtype=torch.float32, device=device).normal_(
-            0.0, self.count_noise, generator=generator
+        noise = gaussian_noise(
+            torch.Size([]),
+            std=self.count_noise,
+            dtype=torch.float32,
+            device=device,
+            generator=generator,
         )
-        fraction = (unclipped + float(noise)) / expected_batch_size + 0.5
+        count = noise.to(torch.float64).add_(unclipped)  # as the Python float sum was
+        round_to_noise_grid_(count, self.count_noise, generator)  # secure mode only
+        fraction = float(count) / expected_batch_size + 0.5
         moved = self.flat.max_grad_norm * math.exp(
             -self.learning_rate * (fraction - self.target_unclipped_quantile)
         )
@@ -284,6 +295,8 @@ def make_clipping_policy(
     if kind == "per_layer":
         norms = _per_parameter_norms(max_grad_norm, len(params))
         return PerLayerClipping([[p] for p in params], norms)
+    if isinstance(max_grad_norm, str | bytes) or not isinstance(max_grad_norm, Sequence):
+        check_number("max_grad_norm", max_grad_norm)  # a string or None: say it is no number
     if not isinstance(max_grad_norm, int | float):
         raise DPTypeError(
             f"max_grad_norm={max_grad_norm!r}: a list of norms is only for clipping='per_layer'."

@@ -5,14 +5,31 @@ logical step for every released coordinate, in float32 or better (float64 parame
 float64 noise), from ``generator`` (the global torch generator when ``None``). Large CPU
 draws are split across threads with sub-generators seeded from ``generator``; the noise is
 still a deterministic function of that generator's state.
+
+Secure mode (``generator`` a :class:`~dptorch.secure_random.SecureRandom`): the noise comes
+from a CSPRNG, in float64, and :func:`round_to_noise_grid_` rounds each released value
+(clipped sum + noise) to a grid of spacing ``2^(ceil(log2 std) - 24)``, a defence against
+floating-point attacks on the Gaussian mechanism (Mironov 2012; Jin et al., arXiv
+2112.05307): those read the clipped sum from WHICH floats a noisy value can take, since a
+float sampler reaches some low-order bit patterns near one mean and not near another.
+After rounding, every output is a multiple of the grid spacing whatever the sum was, and
+every multiple near it is reachable (the float64 sampler's gaps are ~2^-45 std, far finer
+than the grid), so the fine structure carries no trace of the sum. See docs/hardening.md.
 """
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
+
+from dptorch.secure_random import SecureRandom
+
+# Secure-mode grid: 2^-24 of the noise std (rounded up to a power of two), about float32's
+# own resolution at values of the size of the noise, so rounding costs no useful precision.
+GRID_BITS = 24
 
 
 def noise_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,9 +43,16 @@ def gaussian_noise(
     std: float,
     dtype: torch.dtype,
     device: torch.device,
-    generator: torch.Generator | None,
+    generator: torch.Generator | SecureRandom | None,
 ) -> Tensor:
-    """A ``shape`` tensor of independent ``N(0, std^2)`` draws."""
+    """A ``shape`` tensor of independent ``N(0, std^2)`` draws.
+
+    With a :class:`SecureRandom` generator the draws come from it, in float64 (whatever
+    ``dtype``), are made on the CPU and copied to ``device``; round the released values
+    with :func:`round_to_noise_grid_` afterwards.
+    """
+    if isinstance(generator, SecureRandom):
+        return _secure_noise(shape, std, device, generator)
     out = torch.empty(shape, dtype=noise_dtype(dtype), device=device)
     if std == 0:
         return out.zero_()
@@ -71,3 +95,38 @@ def _parallel_normal_(
     for job in jobs:
         job.result()
     return flat
+
+
+def noise_grid(std: float) -> float:
+    """The secure-mode output grid for noise of ``std``: ``2^(ceil(log2 std) - GRID_BITS)``."""
+    return 2.0 ** (math.ceil(math.log2(std)) - GRID_BITS)
+
+
+def round_to_noise_grid_(
+    released: Tensor, std: float, generator: torch.Generator | SecureRandom | None
+) -> Tensor:
+    """In secure mode, round ``released`` (sum + noise, float64) in place to :func:`noise_grid`.
+
+    A no-op unless ``generator`` is a :class:`SecureRandom` and ``std > 0``.
+
+    Privacy: rounding the noisy value is post-processing, so it never weakens the Gaussian
+    mechanism; it removes the float-representation side channel (see the module docstring):
+    outputs lie on a grid that does not depend on the clipped sum. Exact as long as
+    ``|released| < 2^28 std`` (float64's own rounding stays below half a grid step), which
+    holds whenever the clipped sum is within 2^28 noise stds.
+    """
+    if not isinstance(generator, SecureRandom) or std == 0:
+        return released
+    grid = noise_grid(std)
+    # Dividing and multiplying by a power of two is exact; round() is round-half-to-even.
+    return released.div_(grid).round_().mul_(grid)
+
+
+def _secure_noise(
+    shape: torch.Size, std: float, device: torch.device, generator: SecureRandom
+) -> Tensor:
+    numel = math.prod(shape)
+    if std == 0:
+        return torch.zeros(shape, dtype=torch.float64, device=device)
+    noise = generator.normal(numel).mul_(std).view(shape)
+    return noise if torch.device(device).type == "cpu" else noise.to(device)

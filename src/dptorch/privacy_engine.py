@@ -169,8 +169,11 @@ class PrivacyEngine:
         if problems:
             raise UnsupportedModuleError([str(p) for p in problems])
         trainable = _check_parameter_identity(module, optimizer)
+        _check_no_meta_parameters(module)
+        # Separate streams for sampling and noise: the noise stream draws ahead in a thread.
         secure = SecureRandom() if self.secure_mode else None
-        loader, q = self._private_loader(data_loader, poisson_sampling, sample_rate, sync, secure)
+        sampling = SecureRandom() if self.secure_mode else None
+        loader, q = self._private_loader(data_loader, poisson_sampling, sample_rate, sync, sampling)
         engine = PerSampleEngine(
             module,
             trainable,
@@ -490,6 +493,18 @@ def _dataset_size(data_loader: DataLoader[Any]) -> int:
         raise DPTypeError(
             "data_loader.dataset has no len(); private training needs a map-style dataset."
         ) from error
+
+
+def _check_no_meta_parameters(module: nn.Module) -> None:
+    """Parameters on the meta device have no values: training them cannot work."""
+    meta = [name for name, p in module.named_parameters() if p.device.type == "meta"]
+    if meta:
+        shown = ", ".join(meta[:8]) + (" ..." if len(meta) > 8 else "")
+        raise DPValueError(
+            f"These parameters are on the meta device (shapes without values): {shown}. "
+            "Materialise the model first, e.g. model.to_empty(device='cpu') and then "
+            "model.load_state_dict(weights), before building the optimizer."
+        )
 
 
 def _check_parameter_identity(module: nn.Module, optimizer: Optimizer) -> list[nn.Parameter]:

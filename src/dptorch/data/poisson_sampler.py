@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from dptorch.errors import DPTypeError, DPValueError, SampleRateError
+from dptorch.secure_random import SecureRandom
 
 __all__ = ["PoissonBatchSampler", "check_sample_rate", "default_steps"]
 
@@ -74,7 +75,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
         assumes exactly this scheme with this ``sample_rate``: each example included
         independently, with the same probability, at every step. Batches are drawn from
         ``generator`` only, so anyone who knows its seed knows which examples were used;
-        seed it from a secure source when the batch composition must stay secret.
+        seed it from a secure source when the batch composition must stay secret, or pass
+        a :class:`~dptorch.secure_random.SecureRandom` (secure mode): each inclusion is
+        then a CSPRNG Bernoulli with probability ``ceil(q 2^64) / 2^64`` (q itself, or
+        less than ``2^-64`` above it), and the batches cannot be replayed by anyone.
 
     Args:
         num_samples: size N of the dataset the indices refer to (at least 1).
@@ -82,7 +86,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         steps: batches per iteration (``len(sampler)``); defaults to ``round(1 / q)``
             (at least 1), one expected pass over the data.
         generator: source of randomness. Its state alone determines the batches, so equal
-            seeds give equal batches. ``None`` uses torch's default (global) generator.
+            seeds give equal batches. ``None`` uses torch's default (global) generator. A
+            :class:`~dptorch.secure_random.SecureRandom` draws secure, unrepeatable batches.
 
     Raises:
         DPTypeError: an argument has the wrong type.
@@ -95,7 +100,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         num_samples: int,
         sample_rate: float,
         steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | SecureRandom | None = None,
     ) -> None:
         self.num_samples = _check_positive_int(
             num_samples, "num_samples", "pass the dataset size, e.g. num_samples=len(dataset)."
@@ -107,10 +112,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
             self.steps = _check_positive_int(
                 steps, "steps", "pass the number of batches wanted, or steps=None for one epoch."
             )
-        if generator is not None and not isinstance(generator, torch.Generator):
+        if generator is not None and not isinstance(generator, torch.Generator | SecureRandom):
             raise DPTypeError(
-                f"generator={generator!r} must be a torch.Generator or None; create one with "
-                "torch.Generator().manual_seed(seed)."
+                f"generator={generator!r} must be a torch.Generator, a SecureRandom or None; "
+                "create one with torch.Generator().manual_seed(seed)."
             )
         self.generator = generator
         # The generator's state before the first draw of the latest pass, and a pass to
@@ -122,6 +127,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
+        if isinstance(self.generator, SecureRandom):
+            yield from self._secure_batches(self.generator)
+            return
         # This body runs at the first next(), after DataLoader has drawn its worker base seed
         # from the same generator; restoring a saved pass here makes that extra draw harmless.
         generator = self._draw_generator()
@@ -134,9 +142,16 @@ class PoissonBatchSampler(Sampler[list[int]]):
         for index in range(self.steps):
             # One uniform draw per example: comparing against q gives independent
             # Bernoulli(q) inclusions without a Python loop over examples.
-            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            mask = torch.rand(self.num_samples, generator=generator) < self.sample_rate
             if index >= skip:  # a resumed pass replays the draws of the batches already used
                 yield mask.nonzero().flatten().tolist()
+
+    def _secure_batches(self, source: SecureRandom) -> Iterator[list[int]]:
+        """Fresh CSPRNG batches; a resumed pass yields only the ``steps - skip`` still due."""
+        skip = self._resume[1] if self._resume is not None else 0
+        self._resume = None
+        for _ in range(self.steps - skip):
+            yield source.bernoulli(self.num_samples, self.sample_rate).nonzero().flatten().tolist()
 
     def resume_state(self, *, consumed: int) -> dict[str, Any]:
         """What :meth:`load_resume_state` needs to continue after ``consumed`` batches.
@@ -154,6 +169,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
                 generator, whose state at the start of the pass cannot be replayed.
         """
         consumed = int(consumed)
+        if isinstance(self.generator, SecureRandom):
+            # Nothing that could replay the draws is saved: an empty state and the position.
+            skip = consumed if 0 < consumed < self.steps else 0
+            return {"generator_state": torch.empty(0, dtype=torch.uint8), "skip": skip}
         if 0 < consumed < self.steps:
             if self.generator is None or self._pass_start is None:
                 raise DPValueError(
@@ -188,6 +207,15 @@ class PoissonBatchSampler(Sampler[list[int]]):
                 f"steps={self.steps}; pass what PoissonBatchSampler.resume_state() returned "
                 "for a sampler with the same steps."
             )
+        if isinstance(self.generator, SecureRandom):
+            if generator_state.numel():
+                raise DPValueError(
+                    "state holds a generator state, but this sampler draws from a "
+                    "SecureRandom, which cannot replay it; resume a secure run from a secure "
+                    "checkpoint, or build the sampler with a torch.Generator."
+                )
+            self._resume = (generator_state, skip) if skip else None
+            return
         if skip == 0:
             self._resume = None
             _set_state(self._draw_generator(), generator_state)
@@ -197,6 +225,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def _draw_generator(self) -> torch.Generator:
         """The generator ``torch.rand`` really draws from (torch's default when ``None``)."""
+        if isinstance(self.generator, SecureRandom):
+            raise DPValueError("a SecureRandom sampler has no torch generator to draw from")
         return self.generator if self.generator is not None else torch.default_generator
 
     def __repr__(self) -> str:

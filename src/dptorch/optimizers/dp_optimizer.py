@@ -9,6 +9,7 @@ pending sum; the step that ends the logical batch releases it with one noise dra
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -20,7 +21,7 @@ from torch.optim import Optimizer
 
 from dptorch.clipping import AutomaticClipping, ClippingPolicy, FlatClipping, PerLayerClipping
 from dptorch.distributed import GradientSync
-from dptorch.errors import DPTypeError, DPValueError, TrainingLoopError
+from dptorch.errors import DPTypeError, DPValueError, DPWarning, TrainingLoopError
 from dptorch.noise import gaussian_noise, noise_dtype, round_to_noise_grid_
 from dptorch.per_sample.engine import ClippedBatch, LossReduction, PerSampleEngine
 from dptorch.secure_random import SecureRandom
@@ -298,6 +299,8 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.step()
         self.engine.clear()
         self.last_step_stats = _stats(clipped)
+        if clipped.nonfinite:
+            _warn_nonfinite(clipped)
         self.logical_steps += 1
         for hook in self._step_hooks:
             hook(self)
@@ -340,6 +343,17 @@ class DPOptimizer(Optimizer):
             for param, noisy in zip(members, flat.split(sizes), strict=True):
                 param.grad = noisy.view(param.shape).to(param.dtype)
                 self.engine.note_released(param, param.grad)
+
+
+def _warn_nonfinite(clipped: ClippedBatch) -> None:
+    warnings.warn(
+        f"{clipped.nonfinite} of {clipped.batch_size} examples of this step had a NaN or "
+        "inf gradient (NaN/inf in their inputs, targets or loss); each was zeroed, so it "
+        "added nothing but noise. Check the data and the loss; "
+        "optimizer.last_step_stats.nonfinite counts them.",
+        DPWarning,
+        stacklevel=3,
+    )
 
 
 def _run(closure: Callable[[], Any] | None) -> Any:
