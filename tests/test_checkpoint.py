@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import DataLoader, TensorDataset
 
-from dptorch import DPTypeError, DPValueError, PrivacyEngine
+from dptorch import BatchMemoryManager, DPTypeError, DPValueError, PrivacyEngine
 from dptorch.checkpoint import ResumeInfo
 
 DATASET = 40
@@ -268,3 +268,39 @@ def test_saving_inside_a_logical_batch_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DPValueError, match="middle of a logical batch"):
         run.engine.save_checkpoint(path=tmp_path / "run.pt", **run.parts())
     assert list(tmp_path.iterdir()) == []
+
+
+def _train_split(run: Run, *, until: int, done: int = 0) -> None:
+    """Like ``_train``, through a BatchMemoryManager with physical batches of 3."""
+    while done < until:
+        with BatchMemoryManager(
+            data_loader=run.loader, max_physical_batch_size=3, optimizer=run.optimizer
+        ) as physical:
+            for x, y in physical:
+                run.optimizer.zero_grad()
+                F.cross_entropy(run.model(x), y).backward()
+                run.optimizer.step()
+                if run.optimizer.is_accumulating:
+                    continue
+                run.scheduler.step()
+                done += 1
+                if done == until:
+                    return
+
+
+@pytest.mark.parametrize("interrupt_at", [3, 7], ids=["mid-pass", "second-pass"])
+def test_resume_under_batch_memory_manager_is_bit_exact(tmp_path: Path, interrupt_at: int) -> None:
+    reference = _build(own_noise_generator=True)
+    _train_split(reference, until=TOTAL_STEPS)
+
+    first = _build(own_noise_generator=True)
+    _train_split(first, until=interrupt_at)
+    path = tmp_path / "run.pt"
+    first.engine.save_checkpoint(path=path, **first.parts())
+
+    torch.manual_seed(999)
+    resumed = _build(own_noise_generator=True)
+    info = resumed.engine.load_checkpoint(path=path, **resumed.parts())
+    assert info.position == interrupt_at % 5
+    _train_split(resumed, until=TOTAL_STEPS, done=interrupt_at)
+    _assert_same_run(resumed, reference)

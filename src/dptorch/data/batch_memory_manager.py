@@ -18,6 +18,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Sampler
 
+from dptorch.data.dp_data_loader import DPDataLoader
 from dptorch.errors import DPTypeError, DPValueError, DPWarning
 from dptorch.optimizers import DPOptimizer
 
@@ -93,11 +94,20 @@ class _PhysicalBatchLoader(DataLoader):
         self.logical_loader = source
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        source = self.logical_loader
+        # The logical loader counts the logical batches handed out, so a checkpoint taken
+        # between logical steps resumes the pass at the right batch (see DPDataLoader).
+        counting = isinstance(source, DPDataLoader)
+        if counting:
+            source._position, source._resume_position = source._resume_position, 0
         batches = super().__iter__()
         ends = self.batch_sampler.ends  # created by the sampler's __iter__ just now
         try:
             for batch in batches:
-                self.optimizer.set_accumulating(not ends.popleft())
+                last = ends.popleft()
+                self.optimizer.set_accumulating(not last)
+                if counting and last:
+                    source._position += 1
                 yield batch
         finally:
             self.optimizer.set_accumulating(False)
