@@ -16,6 +16,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 def _load(name: str) -> ModuleType:
+    if str(EXAMPLES) not in sys.path:  # as when run as a script: siblings are importable
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
