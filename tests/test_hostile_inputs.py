@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 import dptorch
 from dptorch import PrivacyEngine
@@ -433,3 +433,20 @@ def test_inputs_on_another_device_than_the_model_fail_before_anything_changes() 
 
 def test_the_dataset_helper_is_what_the_cases_assume() -> None:
     assert len(_dataset()) == N  # the q = BATCH / N in the expected histories above
+
+
+def test_an_example_without_its_batch_dimension_names_the_layer() -> None:
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(0), nn.Linear(18, 2))
+    loader = DataLoader(TensorDataset(torch.zeros(40, 1)), batch_size=8)
+    model, optimizer, _ = PrivacyEngine().make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(DPValueError, match=r"2 \(Linear\).*first dimension .* must be the batch"):
+        model(torch.randn(2, 8)).sum().backward()
+        optimizer.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

@@ -94,11 +94,10 @@ class _PhysicalBatchLoader(DataLoader):
         self.logical_loader = source
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        source = self.logical_loader
         # The logical loader counts the logical batches handed out, so a checkpoint taken
         # between logical steps resumes the pass at the right batch (see DPDataLoader).
-        counting = isinstance(source, DPDataLoader)
-        if counting:
+        source = self.logical_loader if isinstance(self.logical_loader, DPDataLoader) else None
+        if source is not None:
             source._position, source._resume_position = source._resume_position, 0
         batches = super().__iter__()
         ends = self.batch_sampler.ends  # created by the sampler's __iter__ just now
@@ -106,7 +105,7 @@ class _PhysicalBatchLoader(DataLoader):
             for batch in batches:
                 last = ends.popleft()
                 self.optimizer.set_accumulating(not last)
-                if counting and last:
+                if source is not None and last:
                     source._position += 1
                 yield batch
         finally:

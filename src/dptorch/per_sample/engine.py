@@ -244,14 +244,28 @@ class PerSampleEngine:
         Fallback (``torch.func``) calls wait for the step: they re-run a forward.
         """
         if has_dedicated_rule(record.module):
-            record.release(rule_for(record.module)(record.module, record, self._context))
+            record.release(self._apply_rule(record))
+
+    def _apply_rule(self, record: CallRecord) -> list[GradTerm]:
+        """The record's terms; a shape error inside a rule is reported with the layer's path."""
+        try:
+            return rule_for(record.module)(record.module, record, self._context)
+        except RuntimeError as error:
+            shapes = [tuple(a.shape) for a in record.args if isinstance(a, Tensor)]
+            raise DPValueError(
+                f"{record.path} ({type(record.module).__name__}) could not be split into "
+                f"per-example gradients (inputs of shapes {shapes}): {error}. The first "
+                "dimension of every input must be the batch, also for a single example "
+                "(x.unsqueeze(0)); for [T, B, ...] inputs pass batch_first=False to "
+                "make_private. Nothing was applied; call optimizer.zero_grad() and retry."
+            ) from error
 
     def _terms_by_parameter(self, records: list[CallRecord]) -> dict[Tensor, list[GradTerm]]:
         by_param: dict[Tensor, list[GradTerm]] = {}
         for record in records:
             terms = record.terms
             if terms is None:
-                terms = rule_for(record.module)(record.module, record, self._context)
+                terms = self._apply_rule(record)
             for term in terms:
                 by_param.setdefault(term.param, []).append(term)
         return {param: merge_positions(terms) for param, terms in by_param.items()}
