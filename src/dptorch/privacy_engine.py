@@ -194,7 +194,6 @@ class PrivacyEngine:
             generator=secure if secure is not None else noise_generator,
             clipping=policy,
         )
-        dp_optimizer.gradient_noise_multiplier  # noqa: B018  (refuses an impossible split now)
         if sync is not None:
             check_distributed_run(sync, dp_optimizer, loader, q)
         dp_optimizer.attach_step_check(self._budget_check(q))

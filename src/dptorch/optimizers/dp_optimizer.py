@@ -96,10 +96,10 @@ class DPOptimizer(Optimizer):
             )
         self.original_optimizer = optimizer
         self.engine = engine
-        self._noise_multiplier = check_noise_multiplier(noise_multiplier)
         self.clipping: ClippingPolicy = (
             clipping if clipping is not None else FlatClipping(max_grad_norm)
         )
+        self._noise_multiplier = self._checked_noise_multiplier(noise_multiplier)
         self.expected_batch_size = check_positive_number("expected_batch_size", expected_batch_size)
         if loss_reduction not in ("mean", "sum"):
             raise DPValueError(
@@ -159,7 +159,16 @@ class DPOptimizer(Optimizer):
 
     @noise_multiplier.setter
     def noise_multiplier(self, value: float) -> None:
-        self._noise_multiplier = check_noise_multiplier(value)
+        self._noise_multiplier = self._checked_noise_multiplier(value)
+
+    def _checked_noise_multiplier(self, value: float) -> float:
+        """``value``, validated, and refused up front if the clipping policy cannot split it
+        (adaptive clipping's private count needs part of it), not at the next step."""
+        value = check_noise_multiplier(value)
+        split = getattr(self.clipping, "gradient_noise_multiplier", None)
+        if split is not None:
+            split(value)
+        return value
 
     @property
     def gradient_noise_multiplier(self) -> float:

@@ -208,7 +208,8 @@ class PerSampleEngine:
         group_of = getattr(policy, "group_of", None)
         if group_of is None:
             factors = policy.factors(norms)
-            weights = {param: factors * scale for param in by_param}
+            shared = factors * scale  # one tensor for every parameter, not one each
+            weights = dict.fromkeys(by_param, shared)
         else:
             weights, factors = _group_weights(policy, group_of, param_norm_sq, batch, scale)
         sums = {
