@@ -264,6 +264,8 @@ def _check_parts(optimizer: object, data_loader: object) -> None:
             f"optimizer has type {type(optimizer).__name__}; pass the DPOptimizer that "
             "make_private returned (its noise settings are part of the checkpoint)."
         )
+    if optimizer.gradient_sync is not None:
+        optimizer.gradient_sync.check_checkpoint()  # FSDP2 runs are refused here
     if data_loader is not None and not isinstance(data_loader, DPDataLoader):
         raise DPTypeError(
             f"data_loader has type {type(data_loader).__name__}; pass the DPDataLoader that "

@@ -19,6 +19,10 @@ gradients, and it waits for gradients that dptorch deliberately does not compute
 sums itself. Every rank must call ``make_private`` and every ``optimizer.step()`` (also on an
 empty local batch), which the Poisson loader guarantees by giving every rank the same number
 of batches.
+
+A ``fully_shard`` (FSDP2) model is trained as it is, with a
+:class:`~dptorch.fsdp.ShardedGradientSync`: the clipped sums are reduce-scattered and every
+rank adds the noise of its own shard (see :mod:`dptorch.fsdp`).
 """
 
 from __future__ import annotations
@@ -99,6 +103,9 @@ class GradientSync:
         """Replace ``flat`` by its sum over all ranks, in place (identical on every rank)."""
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
 
+    def check_checkpoint(self) -> None:
+        """Raise if dptorch's one-writer checkpoints cannot save this run (they can here)."""
+
     def broadcast_(self, tensor: Tensor) -> None:
         """Overwrite ``tensor`` with rank 0's value, in place."""
         moved = tensor.to(self.device)
@@ -148,12 +155,23 @@ def distributed_is_active() -> bool:
 def wants_distributed(module: nn.Module, distributed: bool | None) -> bool:
     """Resolve ``make_private(distributed=...)``: ``None`` means "if running distributed".
 
-    ``None`` turns it on for a ``DistributedDataParallel`` model, or when a process group
-    with more than one rank is initialised.
+    ``None`` turns it on for a ``DistributedDataParallel`` or ``fully_shard`` model, or when
+    a process group with more than one rank is initialised.
+
+    Raises:
+        DPValueError: ``distributed=False`` for a ``fully_shard`` model.
     """
+    from dptorch.fsdp import is_fully_sharded
+
+    if distributed is False and is_fully_sharded(module):
+        raise DPValueError(
+            f"distributed=False, but module ({type(module).__name__}) is sharded with "
+            "fully_shard (FSDP2): each rank holds only part of its parameters. Pass "
+            "distributed=True (or leave it None), or pass the model without fully_shard."
+        )
     if distributed is not None:
         return bool(distributed)
-    if isinstance(module, DistributedDataParallel):
+    if isinstance(module, DistributedDataParallel) or is_fully_sharded(module):
         return True
     return distributed_is_active() and dist.get_world_size() > 1
 
@@ -161,28 +179,26 @@ def wants_distributed(module: nn.Module, distributed: bool | None) -> bool:
 def unwrap_module(module: nn.Module) -> nn.Module:
     """The model dptorch trains: ``module.module`` for DDP, ``module`` itself otherwise.
 
-    Raises:
-        DPValueError: ``module`` is an FSDP (``fully_shard``) model, which is not supported.
+    A ``fully_shard`` (FSDP2) model is trained as it is.
     """
     if isinstance(module, DistributedDataParallel):
         return module.module
-    fsdp_module = _fsdp_module_class()
-    if fsdp_module is not None and any(isinstance(m, fsdp_module) for m in module.modules()):
-        raise DPValueError(
-            f"module ({type(module).__name__}) is sharded with torch.distributed.fsdp."
-            "fully_shard (FSDP2), which dptorch does not support yet: its per-sample engine "
-            "needs unsharded parameters. Replicate the model instead: pass the plain model (or "
-            "a DistributedDataParallel of it) with distributed=True; see docs/distributed.md."
-        )
     return module
 
 
 def resolve_distributed(
     module: nn.Module, distributed: bool | None
 ) -> tuple[nn.Module, GradientSync | None]:
-    """``make_private``'s first step: the model to train, and the sync if distributed."""
-    sync = GradientSync.from_group() if wants_distributed(module, distributed) else None
-    return unwrap_module(module), sync
+    """``make_private``'s first step: the model to train, and the sync if distributed.
+
+    The sync of a ``fully_shard`` (FSDP2) model is a :class:`~dptorch.fsdp.ShardedGradientSync`.
+    """
+    from dptorch.fsdp import ShardedGradientSync, is_fully_sharded
+
+    if not wants_distributed(module, distributed):
+        return unwrap_module(module), None
+    kind = ShardedGradientSync if is_fully_sharded(module) else GradientSync
+    return unwrap_module(module), kind.from_group()
 
 
 def check_distributed_run(
@@ -191,9 +207,14 @@ def check_distributed_run(
     """Refuse what cannot run as one private step over all ranks; nothing is changed.
 
     Raises:
-        DPValueError: adaptive clipping (its private count is taken per rank), or settings
-            that differ between ranks.
+        DPValueError: adaptive clipping (its private count is taken per rank), settings
+            that differ between ranks, or an FSDP2 model set up in a way the sharded release
+            does not handle (see :func:`dptorch.fsdp.check_sharded_model`).
     """
+    from dptorch.fsdp import ShardedGradientSync, check_sharded_model
+
+    if isinstance(sync, ShardedGradientSync):  # raises on every rank alike, before collectives
+        check_sharded_model(sync, optimizer.engine.module, optimizer.trainable_parameters())
     if getattr(optimizer.clipping, "update", None) is not None:
         raise DPValueError(
             f"clipping={type(optimizer.clipping).__name__} adapts its norm from a noisy count "
@@ -217,8 +238,14 @@ def join_ranks(sync: GradientSync, module: nn.Module, optimizer: DPOptimizer) ->
     """``make_private``'s last step: start every rank from rank 0's model, sum every release.
 
     Privacy: from here on each ``optimizer.step()`` releases, on every rank, the same
-    ``(sum over all ranks of clipped sums + N(0, (sigma C)^2)) / (q N)``.
+    ``(sum over all ranks of clipped sums + N(0, (sigma C)^2)) / (q N)`` (for FSDP2, each
+    rank its own shard of it: :func:`dptorch.fsdp.join_sharded`).
     """
+    from dptorch.fsdp import ShardedGradientSync, join_sharded
+
+    if isinstance(sync, ShardedGradientSync):
+        join_sharded(sync, module, optimizer)
+        return
     sync.broadcast_module(module)
     optimizer.gradient_sync = sync
 
@@ -247,11 +274,3 @@ def check_same_on_all_ranks(sync: GradientSync, settings: Mapping[str, float]) -
             + "\nPass the same dataset (its full length on every rank), batch size, "
             "noise_multiplier and max_grad_norm on every rank."
         )
-
-
-def _fsdp_module_class() -> type | None:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # older torch without FSDP2
-        return None
-    return FSDPModule  # type: ignore[no-any-return]

@@ -136,6 +136,7 @@ class PrivacyEngine:
                 group (see :mod:`dptorch.distributed`); ``None`` means yes for a
                 ``DistributedDataParallel`` model or a group of more than one rank. A DDP
                 model is returned unwrapped (its ``.module``): train that, not the wrapper.
+                A ``fully_shard`` (FSDP2) model is trained as it is (:mod:`dptorch.fsdp`).
 
         Privacy: each ``optimizer.step()`` releases a gradient with per-example sensitivity
         ``max_grad_norm`` plus ``N(0, (noise_multiplier * max_grad_norm)^2)`` noise and records

@@ -58,13 +58,6 @@ def test_settings_that_differ_between_ranks_are_refused_on_every_rank(
         assert "max_grad_norm: rank 0: 1, rank 1: 2" in message
 
 
-def test_fsdp2_models_are_refused_with_a_way_out(two_ranks: list[dict[str, Any]]) -> None:
-    for result in two_ranks:
-        assert result["fsdp_error"] is not None
-        assert "fully_shard" in result["fsdp_error"]
-        assert "DistributedDataParallel" in result["fsdp_error"]
-
-
 def test_make_private_with_epsilon_calibrates_the_same_sigma_as_one_process(
     two_ranks: list[dict[str, Any]],
 ) -> None:

@@ -220,22 +220,6 @@ def noise_and_empty_batches(rank: int, world_size: int) -> dict[str, Any]:
     )
     out["calibrated_sigma"] = optimizer.noise_multiplier
 
-    # 5. FSDP2-sharded models are refused with an explanation.
-    from torch.distributed.fsdp import fully_shard
-
-    model = make_model()
-    fully_shard(model)
-    try:
-        PrivacyEngine().make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(make_data(), batch_size=4),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-        )
-        out["fsdp_error"] = None
-    except DPValueError as error:
-        out["fsdp_error"] = str(error)
     dist.barrier()
     return out
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Sampler
 
+from dptorch.data.distributed_sampler import DistributedPoissonBatchSampler
 from dptorch.data.dp_data_loader import DPDataLoader
 from dptorch.errors import DPTypeError, DPValueError, DPWarning
 from dptorch.optimizers import DPOptimizer
@@ -65,13 +66,26 @@ class _PhysicalBatchSampler(Sampler[list[int]]):
         return self._split(self.ends)
 
     def _split(self, ends: deque[bool]) -> Iterator[list[int]]:
-        for batch in self.batch_sampler:
+        for pieces in self._logical_batches():
+            for i, piece in enumerate(pieces):
+                ends.append(i == len(pieces) - 1)
+                yield piece
+
+    def _logical_batches(self) -> Iterator[list[list[int]]]:
+        """Each logical batch as its physical batches (one empty one for an empty batch)."""
+        sampler = self.batch_sampler
+        if isinstance(sampler, DistributedPoissonBatchSampler):
+            # Split the common batch into pieces of W * max_size and give each rank its rows
+            # of every piece, so that every rank runs the same number of physical batches:
+            # with FSDP2 each forward all-gathers parameters, a collective on all ranks.
+            step, rank, world = sampler.world_size * self.max_size, sampler.rank, sampler.world_size
+            for batch in super(DistributedPoissonBatchSampler, sampler).__iter__():
+                yield [batch[s : s + step][rank::world] for s in range(0, len(batch), step)] or [[]]
+            return
+        for batch in sampler:
             indices = list(batch)
             starts = range(0, len(indices), self.max_size) if indices else range(1)
-            last = starts[-1]
-            for start in starts:
-                ends.append(start == last)
-                yield indices[start : start + self.max_size]
+            yield [indices[start : start + self.max_size] for start in starts]
 
 
 class _PhysicalBatchLoader(DataLoader):

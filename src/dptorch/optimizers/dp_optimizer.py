@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from dptorch.clipping import AutomaticClipping, ClippingPolicy, FlatClipping, PerLayerClipping
 from dptorch.distributed import GradientSync
 from dptorch.errors import DPTypeError, DPValueError, DPWarning, TrainingLoopError
+from dptorch.fsdp import ShardedGradientSync
 from dptorch.noise import gaussian_noise, noise_dtype, round_to_noise_grid_
 from dptorch.per_sample.engine import ClippedBatch, LossReduction, PerSampleEngine
 from dptorch.secure_random import SecureRandom
@@ -325,6 +326,9 @@ class DPOptimizer(Optimizer):
         std = self.gradient_noise_multiplier * self.clipping.sensitivity / divisor
         release_std = std  # the grid of secure mode follows the noise actually released
         sync = self.gradient_sync
+        if isinstance(sync, ShardedGradientSync):  # FSDP2: each rank noises its own shard
+            sync.release_shards(self, clipped, std=std, divisor=divisor)
+            return
         if sync is not None and not sync.draws_noise:
             std = 0.0  # one rank draws the noise, so the all-reduced sum has it exactly once
         params = self.trainable_parameters()

@@ -8,8 +8,8 @@ for factors ``c_i``, and forms each parameter's weighted sum in one contraction.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import torch
@@ -140,6 +140,18 @@ class PerSampleEngine:
         self._skipped = frozenset(self.skipper.parameters)
         # The gradients the optimizer released last, to tell them from foreign ones.
         self._released: dict[Tensor, tuple[Tensor, int]] = {}
+        # Stand-ins a wrapper swaps in for trainable parameters (see alias_parameters).
+        self._owner_of: dict[Tensor, Tensor] = {}
+
+    def alias_parameters(self, aliases: Mapping[Tensor, Tensor]) -> None:
+        """Treat each key as the trainable parameter it maps to.
+
+        FSDP2 puts an unsharded parameter in a layer's place during forward and backward;
+        the rules see that one, and its terms are summed under the sharded parameter the
+        optimizer holds (see :mod:`dptorch.fsdp`).
+        """
+        self._owner_of.update(aliases)
+        self._context = replace(self._context, trainable=self.trainable | frozenset(self._owner_of))
 
     def attach(self) -> None:
         self.skipper.attach()  # first: the capture's hooks must see the outputs it replaces
@@ -268,7 +280,8 @@ class PerSampleEngine:
             if terms is None:
                 terms = self._apply_rule(record)
             for term in terms:
-                by_param.setdefault(term.param, []).append(term)
+                owner = self._owner_of.get(term.param, term.param)
+                by_param.setdefault(owner, []).append(term)
         return {param: merge_positions(terms) for param, terms in by_param.items()}
 
     def _verify_against_autograd(

@@ -41,6 +41,17 @@ def scale_samples(tensor: Tensor, factors: Tensor, sanitize: bool) -> Tensor:
     return scaled
 
 
+def rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum(a * b, dim=-1)`` in one fused reduction, without the ``a * b`` temporary.
+
+    ``torch.linalg.vecdot`` (it conjugates ``a``, a no-op for the real tensors used here) where
+    the CPU supports the dtype; the plain product-and-sum for half precision on the CPU.
+    """
+    if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
+        return (a * b).sum(dim=-1)
+    return torch.linalg.vecdot(a, b)
+
+
 @dataclass(eq=False)
 class DenseTerm:
     """Instantiated per-example gradients ``grad_sample[i]`` of ``param``: ``[B, *param.shape]``."""
@@ -57,7 +68,7 @@ class DenseTerm:
 
     def norm_sq(self, route: NormRoute = "auto") -> Tensor:
         flat = self.grad_sample.reshape(self.batch_size, self.param.numel())  # 0-dim params too
-        return (flat * flat).sum(dim=1)
+        return rowwise_dot(flat, flat)
 
     def weighted_sum(self, factors: Tensor, sanitize: bool = False) -> Tensor:
         if sanitize:
@@ -195,8 +206,8 @@ class OuterTerm:
             isinstance(self.rows, IndexRows) or isinstance(other.rows, IndexRows)
         ):
             # One position ([B, d] inputs): <r r'> <c c'> per group, without B tiny matmuls.
-            rows_dot = (self.rows * other.rows).sum(dim=(2, 3))  # [B, g]
-            cols_dot = (self.cols * other.cols).sum(dim=(2, 3))
+            rows_dot = rowwise_dot(self.rows.flatten(2), other.rows.flatten(2))  # [B, g]
+            cols_dot = rowwise_dot(self.cols.flatten(2), other.cols.flatten(2))
             return (rows_dot * cols_dot).sum(dim=1)
         rows = _row_gram(self.rows, other.rows, self.cols.dtype)
         cols = torch.matmul(self.cols, other.cols.transpose(2, 3))
@@ -295,7 +306,7 @@ def combined_norm_sq(terms: list[GradTerm], route: NormRoute = "auto") -> Tensor
     for term in terms[1:]:
         summed = summed + term.instantiate()
     flat = summed.reshape(summed.shape[0], terms[0].param.numel())
-    return (flat * flat).sum(dim=1)
+    return rowwise_dot(flat, flat)
 
 
 def _ghost_wins(terms: list[OuterTerm]) -> bool:

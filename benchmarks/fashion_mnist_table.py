@@ -1,0 +1,101 @@
+"""The Fashion-MNIST results table and privacy-utility plot, from the recipe's raw results.
+
+Reads the JSON lines ``examples/fashion_mnist_recipe.py --output`` appends to
+(``benchmarks/results/fashion_mnist_recipe.jsonl`` by default), groups the runs by target
+epsilon (non-private runs form their own row), and writes
+``benchmarks/results/fashion_mnist.md`` (mean, spread and count of test accuracy per target
+epsilon, epsilon spent, wall time) and ``fashion_mnist_privacy_utility.png`` (accuracy
+against epsilon, one dot per run, the non-private mean as a line).
+
+    .venv/bin/python benchmarks/fashion_mnist_table.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in runs if "smoke" not in r["dataset"]]
+
+
+def group(runs: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
+    """Runs by target epsilon; non-private runs under ``inf``."""
+    groups: dict[float, list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        target = run["target_epsilon"]
+        groups[math.inf if target is None else float(target)].append(run)
+    return dict(sorted(groups.items()))
+
+
+def table(groups: dict[float, list[dict[str, Any]]]) -> str:
+    lines = [
+        "| target epsilon | test accuracy, mean | spread (min-max) | seeds | epsilon spent "
+        "| epochs | wall time per run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for target, runs in groups.items():
+        accuracies = [r["test_accuracy"] for r in runs]
+        spent = max(r["epsilon"] for r in runs)
+        epochs = sorted({r["settings"]["epochs"] for r in runs})
+        minutes = statistics.mean(r["wall_s"] for r in runs) / 60
+        lines.append(
+            f"| {'non-private' if math.isinf(target) else f'{target:g}'} "
+            f"| {statistics.mean(accuracies):.4f} "
+            f"| {min(accuracies):.4f}-{max(accuracies):.4f} | {len(runs)} "
+            f"| {'-' if math.isinf(spent) else f'{spent:.3f}'} "
+            f"| {', '.join(map(str, epochs))} | {minutes:.1f} min |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(groups: dict[float, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.5, 3.8))
+    private = {t: runs for t, runs in groups.items() if not math.isinf(t)}
+    for runs in private.values():
+        axes.scatter([r["epsilon"] for r in runs], [r["test_accuracy"] for r in runs], c="C0", s=14)
+    targets = list(private)
+    means = [statistics.mean(r["test_accuracy"] for r in private[t]) for t in targets]
+    axes.plot(targets, means, c="C0", label="dptorch, mean over seeds")
+    if math.inf in groups:
+        reference = statistics.mean(r["test_accuracy"] for r in groups[math.inf])
+        axes.axhline(reference, c="C2", ls="--", label=f"non-private ({reference:.3f})")
+    axes.set_xscale("log")
+    axes.set_xlabel("epsilon (delta = 1e-5, PRV accountant)")
+    axes.set_ylabel("test accuracy")
+    axes.set_title("Fashion-MNIST, end-to-end CNN")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--input", type=Path, default=RESULTS / "fashion_mnist_recipe.jsonl")
+    args = parser.parse_args()
+    groups = group(load(args.input))
+    markdown = table(groups)
+    (RESULTS / "fashion_mnist.md").write_text(
+        "Fashion-MNIST, `examples/fashion_mnist_recipe.py` (raw runs: "
+        f"`{args.input.name}`), delta 1e-5, test set scored once per run.\n\n" + markdown
+    )
+    plot(groups, RESULTS / "fashion_mnist_privacy_utility.png")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
