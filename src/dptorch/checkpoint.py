@@ -31,6 +31,7 @@ from dptorch.accountants import Accountant
 from dptorch.checkpoint_guard import optimizer_problems, snapshot
 from dptorch.data import DPDataLoader
 from dptorch.errors import DPTypeError, DPValueError
+from dptorch.fsdp_checkpoint import full_state, local_state
 from dptorch.optimizers import DPOptimizer
 from dptorch.safe_torch_file import atomic_save, check_weights_only, load_weights_only
 from dptorch.secure_random import SecureRandom
@@ -110,13 +111,14 @@ def save_checkpoint(
             "the clipped sum of physical batches not yet released); that partial sum is not "
             "saved. Save after a step with optimizer.is_accumulating == False."
         )
+    module_state, optimizer_state = full_state(module, optimizer)  # FSDP2: gathered, whole
     checkpoint = {
         "format": _FORMAT,
         "version": _VERSION,
         "privacy": _settings(optimizer, accountant, sample_rate),
         "accountant": accountant.state_dict(),
-        "module": module.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "module": module_state,
+        "optimizer": optimizer_state,
         "rng": _rng_state(optimizer),
         "data_loader": data_loader.state_dict() if data_loader is not None else None,
         "extras": {name: obj.state_dict() for name, obj in (extras or {}).items()},
@@ -193,8 +195,11 @@ def load_checkpoint(
     # then every part already loaded is put back, so a refusal never leaves a mixed run.
     undo = snapshot(module, optimizer, accountant, extras or {})
     try:
-        module.load_state_dict(saved["module"])
-        optimizer.load_state_dict(saved["optimizer"])
+        module_state, optimizer_state = local_state(
+            saved["module"], saved["optimizer"], module, optimizer
+        )  # FSDP2: each rank's shards of the full tensors
+        module.load_state_dict(module_state)
+        optimizer.load_state_dict(optimizer_state)
         for name, obj in (extras or {}).items():
             obj.load_state_dict(saved["extras"][name])
         accountant.load_state_dict(saved["accountant"])
@@ -264,8 +269,6 @@ def _check_parts(optimizer: object, data_loader: object) -> None:
             f"optimizer has type {type(optimizer).__name__}; pass the DPOptimizer that "
             "make_private returned (its noise settings are part of the checkpoint)."
         )
-    if optimizer.gradient_sync is not None:
-        optimizer.gradient_sync.check_checkpoint()  # FSDP2 runs are refused here
     if data_loader is not None and not isinstance(data_loader, DPDataLoader):
         raise DPTypeError(
             f"data_loader has type {type(data_loader).__name__}; pass the DPDataLoader that "

@@ -103,9 +103,6 @@ class GradientSync:
         """Replace ``flat`` by its sum over all ranks, in place (identical on every rank)."""
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
 
-    def check_checkpoint(self) -> None:
-        """Raise if dptorch's one-writer checkpoints cannot save this run (they can here)."""
-
     def broadcast_(self, tensor: Tensor) -> None:
         """Overwrite ``tensor`` with rank 0's value, in place."""
         moved = tensor.to(self.device)

@@ -25,9 +25,9 @@ never draw with the same generator state. Each releasing step, every rank draws 
 training starts) and seeds a fresh generator with ``s * W + rank``. The seeds of two ranks
 differ for every ``s`` (they differ mod W), so their streams are distinct by construction,
 whatever the user's generators; and the whole run's noise is a function of rank 0's noise
-generator state, which is what one checkpoint would need to save. (With several (device,
-dtype) groups of parameters, each group of each rank has its own stream: see
-:func:`shard_seed`.)
+generator state, which is what a checkpoint saves (:mod:`dptorch.fsdp_checkpoint`). (With
+several (device, dtype) groups of parameters, each group of each rank has its own stream:
+see :func:`shard_seed`.)
 """
 
 from __future__ import annotations
@@ -93,16 +93,6 @@ class ShardedGradientSync(GradientSync):
     def draws_noise(self) -> bool:
         """Every rank draws the noise of its own shard."""
         return True
-
-    def check_checkpoint(self) -> None:
-        raise DPValueError(
-            "save_checkpoint/load_checkpoint do not support FSDP2 (fully_shard) models yet: "
-            "each rank holds only its own shard of the parameters and optimizer state, and "
-            "dptorch checkpoints are written by rank 0 alone. Save the model shards with "
-            "torch.distributed.checkpoint yourself (the privacy state is then not saved), or "
-            "train with DistributedDataParallel to get resumable private checkpoints; see "
-            "docs/distributed.md."
-        )
 
     # -- the release -----------------------------------------------------------------------
     def release_shards(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from dptorch import PrivacyBudgetExceededError, PrivacyEngine
@@ -54,17 +57,30 @@ def shard(model: nn.Module) -> nn.Module:
 
 
 def make_run(
-    engine: PrivacyEngine, model: nn.Module, *, sigma: float, **options: Any
+    engine: PrivacyEngine,
+    model: nn.Module,
+    *,
+    sigma: float,
+    adam: bool = False,
+    loader_seed: int = 7,
+    **options: Any,
 ) -> tuple[nn.Module, Any, Any]:
-    """Momentum SGD on the logical batches of workers.make_data (the same in the reference)."""
+    """Momentum SGD (or AdamW) on the logical batches of workers.make_data."""
     loader = DataLoader(
-        workers.make_data(), batch_size=int(Q * N), generator=torch.Generator().manual_seed(7)
+        workers.make_data(),
+        batch_size=int(Q * N),
+        generator=torch.Generator().manual_seed(loader_seed),
+    )
+    optimizer = (
+        torch.optim.AdamW(model.parameters(), lr=0.05)
+        if adam
+        else torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sigma = 0 warns, on purpose here
         return engine.make_private(
             module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9),
+            optimizer=optimizer,
             data_loader=loader,
             noise_multiplier=sigma,
             max_grad_norm=C,
@@ -161,7 +177,7 @@ def empty_batches_and_epsilon(rank: int, world_size: int) -> dict[str, Any]:
     return out
 
 
-def budget_calibration_and_refusals(rank: int, world_size: int) -> dict[str, Any]:
+def budget_calibration_and_refusals(rank: int, world_size: int, directory: str) -> dict[str, Any]:
     """The budget, make_private_with_epsilon, and what is refused (on every rank alike)."""
     out: dict[str, Any] = {}
     engine = PrivacyEngine()
@@ -186,11 +202,15 @@ def budget_calibration_and_refusals(rank: int, world_size: int) -> dict[str, Any
     )
     out["calibrated_sigma"] = optimizer.noise_multiplier
 
+    # Optimizer state a checkpoint could not put back in place (a plain tensor, not a shard).
     engine = PrivacyEngine()
     model, optimizer, loader = make_run(engine, shard(make_net()), sigma=1.0)
+    optimizer.original_optimizer.state[next(model.parameters())]["extra"] = torch.zeros(3)
+    refused = Path(directory) / "refused.pt"
     out["checkpoint_error"] = _error_of(
-        lambda: engine.save_checkpoint(path="unused.pt", module=model, optimizer=optimizer)
+        lambda: engine.save_checkpoint(path=refused, module=model, optimizer=optimizer)
     )
+    out["refused_file_exists"] = refused.exists()
 
     from torch.distributed.fsdp import fully_shard
 
@@ -228,12 +248,95 @@ def _error_of(action: Any) -> str | None:
     return None
 
 
-def all_scenarios(rank: int, world_size: int, doc_code: str) -> dict[str, Any]:
+def checkpoint_and_resume(rank: int, world_size: int, directory: str) -> dict[str, Any]:
+    """Noise on, AdamW: 2 steps, save, 2 more (A); new objects: load, 2 steps (B); rollback."""
+    path, damaged = Path(directory) / "fsdp.pt", Path(directory) / "damaged.pt"
+    out: dict[str, Any] = {}
+    engine = PrivacyEngine()
+    model, optimizer, loader = make_run(
+        engine,
+        shard(make_net()),
+        sigma=1.0,
+        adam=True,
+        noise_generator=torch.Generator().manual_seed(4),
+    )
+    batches = iter(loader)  # one pass of 4 batches, interrupted after 2
+    workers.train(model, optimizer, batches, 2)
+    engine.save_checkpoint(path=path, module=model, optimizer=optimizer, data_loader=loader)
+    out["saved_params"] = full_params(model)
+    workers.train(model, optimizer, batches, 2)
+    out["uninterrupted"] = _local_state(model, optimizer)
+    out["uninterrupted_epsilon"] = engine.get_epsilon(DELTA)
+
+    # Fresh objects with other sampler and noise seeds: only the checkpoint can make B == A.
+    resumed = PrivacyEngine()
+    model, optimizer, loader = make_run(
+        resumed,
+        shard(make_net()),
+        sigma=1.0,
+        adam=True,
+        loader_seed=1,
+        noise_generator=torch.Generator().manual_seed(99),
+    )
+    info = resumed.load_checkpoint(path=path, module=model, optimizer=optimizer, data_loader=loader)
+    out["resumed_steps"], out["resumed_position"] = info.steps, info.position
+    out["resumed_batches"] = workers.train(model, optimizer, loader, 2)
+    out["resumed"] = _local_state(model, optimizer)
+    out["resumed_epsilon"] = resumed.get_epsilon(DELTA)
+
+    # A file that passes every check but fails at the loader, after the model and optimizer
+    # were loaded: everything must be put back on every rank.
+    if rank == 0:
+        saved = torch.load(path, weights_only=True)
+        saved["data_loader"]["position"] = 99
+        torch.save(saved, damaged)
+    dist.barrier()
+    fresh = PrivacyEngine()
+    noise_generator = torch.Generator().manual_seed(5)
+    model, optimizer, loader = make_run(
+        fresh, shard(make_net()), sigma=1.0, adam=True, noise_generator=noise_generator
+    )
+    before = (_local_state(model, optimizer), torch.get_rng_state(), noise_generator.get_state())
+    out["damaged_error"] = _error_of(
+        lambda: fresh.load_checkpoint(
+            path=damaged, module=model, optimizer=optimizer, data_loader=loader
+        )
+    )
+    out["rolled_back"] = (
+        torch.equal(_local_state(model, optimizer), before[0])
+        and torch.equal(torch.get_rng_state(), before[1])
+        and torch.equal(noise_generator.get_state(), before[2])
+        and len(optimizer.state) == 0
+        and len(fresh.accountant) == 0
+        and all(isinstance(p, DTensor) for p in model.parameters())
+    )
+    dist.barrier()
+    return out
+
+
+def _local_state(model: nn.Module, optimizer: Any) -> torch.Tensor:
+    """This rank's shards of the parameters and of every optimizer state, flattened."""
+    parts = [p.to_local().detach().flatten() for p in model.parameters()]
+    for p in model.parameters():
+        for value in optimizer.state[p].values() if p in optimizer.state else ():
+            local = value.to_local() if isinstance(value, DTensor) else value
+            parts.append(local.detach().flatten().double())
+    return torch.cat([part.double() for part in parts]).clone()
+
+
+def all_scenarios(rank: int, world_size: int, doc_code: str, directory: str) -> dict[str, Any]:
     """Every FSDP2 scenario in one process group (spawning ranks costs more than running)."""
+    here = os.getcwd()
+    os.chdir(directory)  # the documented example writes its checkpoint to the working directory
+    try:
+        doc = workers.doc_example(rank, world_size, doc_code)
+    finally:
+        os.chdir(here)
     return {
         **equivalence(rank, world_size),
         **noise(rank, world_size),
         **empty_batches_and_epsilon(rank, world_size),
-        **budget_calibration_and_refusals(rank, world_size),
-        **workers.doc_example(rank, world_size, doc_code),
+        **budget_calibration_and_refusals(rank, world_size, directory),
+        **checkpoint_and_resume(rank, world_size, directory),
+        **doc,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,10 +23,21 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def fsdp_ranks() -> list[dict[str, Any]]:
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fsdp")
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(checkpoint_dir: Path) -> list[dict[str, Any]]:
     """The results of :func:`fsdp_workers.all_scenarios` on two gloo ranks (one spawn)."""
-    fsdp_block = next(code for code in doc_blocks() if "fully_shard" in code)
-    return run_ranks(fsdp_workers.all_scenarios, doc_code=fsdp_block, timeout=150)
+    # The FSDP2 example, then its checkpoint block (which continues it).
+    doc_code = "\n".join(code for code in doc_blocks() if "fully_shard" in code)
+    return run_ranks(
+        fsdp_workers.all_scenarios,
+        doc_code=doc_code,
+        directory=str(checkpoint_dir),
+        timeout=150,
+    )
 
 
 def _one_process(sigma: float) -> torch.Tensor:
@@ -122,7 +134,9 @@ def test_budget_and_calibration_agree_with_one_process(fsdp_ranks: list[dict]) -
 
 def test_unsupported_set_ups_are_refused_with_a_way_out(fsdp_ranks: list[dict]) -> None:
     for result in fsdp_ranks:
-        assert "torch.distributed.checkpoint" in result["checkpoint_error"]
+        assert "state 'extra' of parameter block1.0.weight" in result["checkpoint_error"]
+        assert "a plain tensor of shape (3,)" in result["checkpoint_error"]
+        assert not result["refused_file_exists"]
         assert "head.weight is not sharded" in result["unsharded_root_error"]
         assert "call fully_shard on the root module too" in result["unsharded_root_error"]
         assert "fully_shard was applied to 0 itself" in result["layer_sharded_error"]
@@ -132,3 +146,40 @@ def test_the_documented_fsdp_example_runs(fsdp_ranks: list[dict]) -> None:
     epsilons = [result["doc_epsilon"] for result in fsdp_ranks]
     assert epsilons[0] == epsilons[1]
     assert 0 < epsilons[0] < float("inf")
+
+
+def test_a_resumed_sharded_run_continues_bit_for_bit(fsdp_ranks: list[dict]) -> None:
+    for result in fsdp_ranks:
+        assert result["resumed_steps"] == 2 and result["resumed_position"] == 2
+        assert len(result["resumed_batches"]) == 2
+        # Each rank's parameter shards and AdamW state shards (and step counts), exactly.
+        assert torch.equal(result["resumed"], result["uninterrupted"])
+        assert result["resumed_epsilon"] == result["uninterrupted_epsilon"]
+    assert not torch.equal(fsdp_ranks[0]["resumed"], fsdp_ranks[1]["resumed"])  # own shards
+
+
+def test_a_load_that_fails_half_way_changes_nothing_on_any_rank(fsdp_ranks: list[dict]) -> None:
+    for result in fsdp_ranks:
+        assert "damaged or was edited" in result["damaged_error"]
+        assert result["rolled_back"]
+
+
+def test_the_file_is_a_one_process_checkpoint(fsdp_ranks: list[dict], checkpoint_dir: Path) -> None:
+    """Full tensors under the usual keys: a plain model and optimizer load it as it is."""
+    engine = PrivacyEngine()
+    model, optimizer, loader = fsdp_workers.make_run(
+        engine,
+        fsdp_workers.make_net(),
+        sigma=1.0,
+        adam=True,
+        distributed=False,
+        noise_generator=torch.Generator(),
+    )
+    info = engine.load_checkpoint(
+        path=checkpoint_dir / "fsdp.pt", module=model, optimizer=optimizer, data_loader=loader
+    )
+    assert info.steps == 2
+    assert torch.equal(workers.flat_params(model), fsdp_ranks[0]["saved_params"])
+    assert all(
+        optimizer.state[p]["exp_avg"].shape == p.shape for p in model.parameters()
+    )  # full moments, not rank 0's shards
