@@ -75,6 +75,8 @@ def plot(groups: dict[float, list[dict[str, Any]]], path: Path) -> None:
         reference = statistics.mean(r["test_accuracy"] for r in groups[math.inf])
         axes.axhline(reference, c="C2", ls="--", label=f"non-private ({reference:.3f})")
     axes.set_xscale("log")
+    axes.set_xticks(targets, [f"{t:g}" for t in targets])
+    axes.minorticks_off()
     axes.set_xlabel("epsilon (delta = 1e-5, PRV accountant)")
     axes.set_ylabel("test accuracy")
     axes.set_title("Fashion-MNIST, end-to-end CNN")
