@@ -8,6 +8,7 @@ to ``benchmarks/results/fashion_mnist_sweep.jsonl``.
     .venv/bin/python benchmarks/fashion_mnist_sweep.py --epochs 40 --lr 4
     .venv/bin/python benchmarks/fashion_mnist_sweep.py --epochs 40 --lr 4 --sched cos
     .venv/bin/python benchmarks/fashion_mnist_sweep.py --epochs 60 --batch 4096 --lr 4
+    .venv/bin/python benchmarks/fashion_mnist_sweep.py --epochs 40 --lr 4 --augmentations 4
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 from dptorch import BatchMemoryManager, PrivacyEngine
 from dptorch.averaging import ParameterEMA
+from dptorch.data import AugmentationMultiplicity, flatten_views
 from dptorch.datasets import load_fashion_mnist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -42,23 +44,32 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sched", choices=["none", "cos"], default="none")
+    parser.add_argument("--model", choices=sorted(recipe.MODELS), default="tanh-cnn")
+    parser.add_argument(
+        "--augmentations", type=int, default=1, help="augmentation multiplicity K (shift/flip)"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     train_full, _ = load_fashion_mnist()  # the test split is not used
     n = len(train_full)
     train, validation = Subset(train_full, range(n - 5000)), Subset(train_full, range(n - 5000, n))
-    model = recipe.tanh_cnn()
+    model = recipe.MODELS[args.model]()
+    collate = None
+    if args.augmentations > 1:  # K views per example, averaged before clipping
+        train = AugmentationMultiplicity(train, recipe.augment, args.augmentations)
+        collate = flatten_views
     sgd = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     engine = PrivacyEngine()
     model, optimizer, loader = engine.make_private_with_epsilon(
         module=model,
         optimizer=sgd,
-        data_loader=DataLoader(train, batch_size=args.batch),
+        data_loader=DataLoader(train, batch_size=args.batch, collate_fn=collate),
         target_epsilon=args.eps,
         target_delta=1e-5,
         max_grad_norm=args.C,
         epochs=args.epochs,
+        augmentation_multiplicity=args.augmentations,
     )
     emas = {decay: ParameterEMA(model, decay=decay) for decay in (0.9, 0.99)}
     total_steps, step = args.epochs * len(loader), 0

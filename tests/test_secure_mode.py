@@ -30,6 +30,7 @@ from dptorch.secure_random import (
     SecureRandom,
     bernoulli_from_words,
     normal_from_words,
+    normal_from_words_,
     uniform_from_words,
 )
 
@@ -94,9 +95,9 @@ def test_box_muller_draws_are_standard_normal() -> None:
     assert float(draws.var()) == pytest.approx(1.0, abs=6 * math.sqrt(2 / 2**18))
 
 
-def test_the_tail_is_drawn_past_the_53_bit_cutoff() -> None:
-    # A radius uniform with 53 zero bits is redrawn 2^-53 deeper: the radius can pass
-    # sqrt(2 ln 2^54) ~ 8.65, where a plain 53-bit uniform would cut the Gaussian off.
+def test_the_tail_is_drawn_past_the_52_bit_cutoff() -> None:
+    # A radius uniform with 52 zero bits is redrawn 2^-52 deeper: the radius can pass
+    # sqrt(2 ln 2^53) ~ 8.57, where a plain 52-bit uniform would cut the Gaussian off.
     words = torch.tensor([0, 0], dtype=torch.int64)  # u1 bits 0, angle 0 -> n = radius
     calls: list[int] = []
 
@@ -106,10 +107,33 @@ def test_the_tail_is_drawn_past_the_53_bit_cutoff() -> None:
 
     shallow = normal_from_words(words)
     deep = normal_from_words(words, deeper)
-    assert float(shallow[0]) == pytest.approx(math.sqrt(-2 * math.log(0.5 * 2.0**-53)))
+    assert words.tolist() == [0, 0]  # normal_from_words leaves its input alone
+    assert float(shallow[0]) == pytest.approx(math.sqrt(-2 * math.log(0.5 * 2.0**-52)))
     assert calls == [1, 1]
-    assert float(deep[0]) > 12.0  # two levels deeper: u1 < 2^-106
-    assert float(deep[1]) == 0.0  # sin(0)
+    assert float(deep[0]) > 12.0  # two levels deeper: u1 < 2^-104
+    assert abs(float(deep[1])) < 1e-13  # sin(2 pi): 0 up to rounding
+
+
+def test_only_the_low_52_bits_of_each_word_are_used() -> None:
+    # High bits (the sign bit included) must not reach the float's exponent.
+    low = (1 << 51) | 12345  # u = 1/2 + 12345 2^-52
+    words = torch.tensor([-1, low - 2**63, -1, low | (0xFFF << 52) - 2**64], dtype=torch.int64)
+    draws = normal_from_words(words)
+    assert bool(torch.isfinite(draws).all())
+    # The all-ones word: u1 = 1 - 2^-53, a radius close to 0.
+    assert abs(float(draws[0])) < 1e-7
+    # u1 = 1/2 + (12345 + 1/2) 2^-52 and angle 2 pi (1/2 + 12345 2^-52), whatever the top bits.
+    u1 = 0.5 + 12345.5 * 2.0**-52
+    angle = 2 * math.pi * (0.5 + 12345 * 2.0**-52)
+    expected = math.sqrt(-2 * math.log(u1)) * math.cos(angle)
+    assert float(draws[1]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_in_place_and_copying_transforms_agree_and_scale() -> None:
+    words = _words(1000, seed=3)
+    reference = normal_from_words(words)
+    scaled = normal_from_words_(words.clone(), scale=2.5)
+    assert torch.allclose(scaled, 2.5 * reference, rtol=1e-15, atol=0.0)
 
 
 def test_an_odd_number_of_words_is_refused() -> None:
@@ -144,15 +168,19 @@ def test_live_draws_have_the_right_moments(backend: str) -> None:
     )
 
 
-def test_large_draws_split_over_threads_and_drawn_ahead_are_fresh() -> None:
+@pytest.mark.parametrize("ahead", [False, True])
+def test_large_draws_are_fresh_scaled_and_standard(ahead: bool) -> None:
+    # ahead=True: split over threads, the second drawn ahead on the background thread.
     source = SecureRandom()
     count = 2**18 + 3  # past the threading threshold, and odd
-    first, second = source.normal(count), source.normal(count)  # the second was drawn ahead
+    first = source.normal(count, 3.0, ahead=ahead)
+    second = source.normal(count, 3.0, ahead=ahead)
     assert first.shape == second.shape == (count,)
     assert not bool((first == second).any())
     for draws in (first, second):
         assert bool(torch.isfinite(draws).all())
-        assert float(draws.std()) == pytest.approx(1.0, abs=6 * math.sqrt(0.5 / count))
+        assert float(draws.std()) == pytest.approx(3.0, abs=18 * math.sqrt(0.5 / count))
+        assert stats.kstest(draws.numpy() / 3.0, "norm").pvalue > 1e-6
 
 
 def test_a_forked_process_gets_a_new_key(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -289,6 +317,57 @@ def test_secure_noise_has_std_sigma_c_over_the_expected_batch_size() -> None:
     grad = module.weight.grad
     assert grad is not None
     assert float(grad.std()) == pytest.approx(2.0 / BATCH, rel=6 * math.sqrt(0.5 / 1e4))
+
+
+def test_the_release_buffer_is_reused_and_never_handed_out() -> None:
+    model = nn.Linear(100, 100, bias=False)
+    _, module, optimizer, _ = _secure_run(model, noise_multiplier=2.0)
+    released = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        (0.0 * module(torch.randn(BATCH, 100)).sum()).backward()
+        optimizer.step()
+        released.append(module.weight.grad)
+    (buffer,) = optimizer._secure_buffers.values()
+    assert buffer.dtype == torch.float64 and buffer.numel() == 100 * 100
+    first, second = released
+    assert first is not None and second is not None
+    # Each step's gradient is its own tensor: a later step does not overwrite an earlier one.
+    storages = {buffer.untyped_storage().data_ptr()}
+    storages |= {g.untyped_storage().data_ptr() for g in (first, second)}
+    assert len(storages) == 3
+    assert not torch.equal(first, second)
+    for grad in (first, second):  # both released on the grid, with the right scale
+        steps = grad.double() / noise_grid(2.0 / BATCH)
+        assert torch.equal(steps, steps.round())
+        assert float(grad.std()) == pytest.approx(2.0 / BATCH, rel=6 * math.sqrt(0.5 / 1e4))
+
+
+def test_noise_drawn_into_a_buffer_and_wrong_buffers_refused() -> None:
+    shape = torch.Size([300, 200])
+    for generator, dtype in ((SecureRandom(), torch.float64), (torch.Generator(), torch.float32)):
+        buffer = torch.empty(shape.numel(), dtype=dtype)
+        noise = gaussian_noise(
+            shape,
+            std=2.0,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            generator=generator,
+            out=buffer,
+        )
+        assert noise.shape == shape and noise.data_ptr() == buffer.data_ptr()
+        assert float(noise.std()) == pytest.approx(2.0, rel=6 * math.sqrt(0.5 / 6e4))
+    with pytest.raises(DPValueError, match="out= must be a contiguous torch.float64"):
+        gaussian_noise(
+            shape,
+            std=1.0,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            generator=SecureRandom(),
+            out=torch.empty(shape.numel()),  # float32: secure draws are float64
+        )
+    with pytest.raises(DPValueError, match="cannot be used with ahead"):
+        SecureRandom().normal(4, ahead=True, out=torch.empty(4, dtype=torch.float64))
 
 
 def test_two_secure_runs_from_the_same_seed_differ() -> None:

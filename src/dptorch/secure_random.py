@@ -16,8 +16,9 @@ The stream is turned into numbers without losing randomness to floating point:
 
 * uniforms: 53 random bits -> an exact float64 in ``[0, 1)``;
 * Bernoulli(p): a 64-bit integer compared, exactly, with ``ceil(p * 2^64)``;
-* Gaussians: Box-Muller (1958) in float64, with the radius uniform drawn to full depth
-  in the tail (see :func:`normal_from_words`), so no region of the support is cut off.
+* Gaussians: Box-Muller (1958) in float64 on exact 52-bit uniforms, with the radius
+  uniform drawn to full depth in the tail (see :func:`normal_from_words_`), so no region
+  of the support is cut off.
 
 There is no seed and no ``get_state``: a secure run cannot be replayed, by design.
 Copying or pickling a :class:`SecureRandom` gives a freshly keyed, independent one, so a
@@ -38,13 +39,21 @@ from torch import Tensor
 
 from dptorch.errors import DPValueError, MissingDependencyError
 
-__all__ = ["SecureRandom", "bernoulli_from_words", "normal_from_words", "uniform_from_words"]
+__all__ = [
+    "SecureRandom",
+    "bernoulli_from_words",
+    "normal_from_words",
+    "normal_from_words_",
+    "uniform_from_words",
+]
 
 Backend = Literal["auto", "aes-ctr", "os"]
 
 _REKEY_BYTES = 1 << 36  # 64 GiB per key: far below AES-CTR's birthday bound
 _MASK53 = (1 << 53) - 1
-_CHUNK = 1 << 22  # normals per transform pass: bounds the float64 temporaries to ~100 MB
+_MASK52 = (1 << 52) - 1
+_ONE_BITS = 0x3FF0_0000_0000_0000  # the bits of float64 1.0: sign 0, exponent 0, mantissa 0
+_CHUNK = 1 << 22  # normals per transform pass: bounds the keystream scratch to 32 MB
 
 
 class SecureRandom:
@@ -148,27 +157,43 @@ class SecureRandom:
         """
         return bernoulli_from_words(self.words(count), p)
 
-    def normal(self, count: int) -> Tensor:
-        """``[count]`` float64 standard normal draws (Box-Muller, tail drawn to full depth).
+    def normal(
+        self, count: int, scale: float = 1.0, *, ahead: bool = False, out: Tensor | None = None
+    ) -> Tensor:
+        """``[count]`` float64 ``N(0, scale^2)`` draws (Box-Muller, tail drawn to full depth).
 
-        The draw for the next call of the same size starts at once on a background thread
-        (noise does not depend on the data, so the next step's noise can be drawn while
-        the model computes). Its buffer costs 8 bytes per draw until used.
+        Args:
+            count: how many draws.
+            scale: their standard deviation (folded into the radius: no extra pass).
+            out: a contiguous ``[count]`` float64 CPU tensor to draw into (not with ``ahead``).
+            ahead: draw the next call's standard normals of the same ``count`` at once, on a
+                background thread and its own stream, split over the cores. For GPU training,
+                where the CPU idles while the device computes: noise does not depend on the
+                data, so the next step's can be drawn during this one. It costs 8 bytes per
+                draw until used. Leave it off when the model computes on the CPU: there the
+                draw competes with the step for the same cores (measured: no faster, more
+                memory; see docs/hardening.md).
         """
-        ahead = self._ahead.pop(count, None)
-        fresh = ahead is not None and os.getpid() == self._pid
-        out = ahead.result() if fresh and ahead is not None else self._normal_now(count)
+        if not ahead:
+            if out is None:
+                out = torch.empty(count, dtype=torch.float64)
+            return self._normal_into(out, scale)
+        if out is not None:
+            raise DPValueError("SecureRandom.normal: out= cannot be used with ahead=True.")
+        waiting = self._ahead.pop(count, None)
+        fresh = waiting is not None and os.getpid() == self._pid
+        out = waiting.result() if fresh and waiting is not None else self._normal_split(count)
         if len(self._ahead) < 4:  # a few sizes (one per device and dtype group) at most
-            self._ahead[count] = _background().submit(self._normal_now, count)
-        return out
+            self._ahead[count] = _background().submit(self._normal_split, count)
+        return out.mul_(scale) if scale != 1.0 else out
 
-    def _normal_now(self, count: int) -> Tensor:
+    def _normal_split(self, count: int) -> Tensor:
+        """Standard normals, a large draw split over threads (each its own keyed stream)."""
         out = torch.empty(count, dtype=torch.float64)
         workers = _cpu_threads() if count >= _PARALLEL_MIN else 1
         if workers < 2:
             return self._normal_into(out)
-        # Large draws are split over threads, each with its own independently keyed stream
-        # (torch, numpy and OpenSSL release the GIL): the cost per step divides by the cores.
+        # torch and OpenSSL release the GIL: the cost per step divides by the cores.
         if len(self._children) < workers:
             self._children = [SecureRandom(self.backend) for _ in range(workers)]
         parts = out.chunk(workers)
@@ -180,7 +205,7 @@ class SecureRandom:
             job.result()
         return out
 
-    def _normal_into(self, out: Tensor) -> Tensor:
+    def _normal_into(self, out: Tensor, scale: float = 1.0) -> Tensor:
         count = out.numel()
         with self._scratch_lock:
             for start in range(0, count, _CHUNK):
@@ -189,12 +214,13 @@ class SecureRandom:
                 if len(self._scratch) < 8 * words + 15:
                     self._scratch = bytearray(8 * words + 15)
                 self._fill(self._scratch, 8 * words)
-                # The transform reads the words before the next chunk overwrites them.
                 bits = torch.frombuffer(self._scratch, dtype=torch.int64, count=words)
+                # The scratch words are consumed in place (no temporaries of the draw's size).
+                target = out[start : start + size]
                 if words == size:
-                    normal_from_words(bits, self.words, out=out[start : start + size])
+                    normal_from_words_(bits, self.words, out=target, scale=scale)
                 else:  # an odd count: one draw of the last pair is dropped
-                    out[start : start + size] = normal_from_words(bits, self.words)[:size]
+                    target.copy_(normal_from_words_(bits, self.words, scale=scale)[:size])
         return out
 
     def seed(self) -> int:
@@ -244,41 +270,61 @@ def bernoulli_from_words(words: Tensor, p: float) -> Tensor:
 
 
 def normal_from_words(words: Tensor, more_words: Any = None, out: Tensor | None = None) -> Tensor:
-    """``[len(words)]`` float64 N(0, 1) draws by Box-Muller from ``len(words)`` (even) words.
+    """:func:`normal_from_words_` on a copy: ``words`` is left as it was."""
+    return normal_from_words_(words.clone(), more_words, out=out)
 
-    The first half of the words gives the radius uniform ``u1``, the second the angle.
-    ``u1 = (m + 1/2) 2^-53`` for the 53-bit integer ``m``; when ``m = 0`` (probability
-    ``2^-53``) the uniform lies in ``[0, 2^-53)`` and is drawn again, scaled, from
-    ``more_words(count)``, as deep as needed. So the radius ``sqrt(-2 ln u1)`` is not cut off
-    at ``sqrt(2 ln 2^54) ~ 8.65``, as a 53-bit uniform would cut it: the Gaussian's tail is
-    present down to float64's smallest numbers (about 38 standard deviations).
+
+def normal_from_words_(
+    words: Tensor, more_words: Any = None, out: Tensor | None = None, scale: float = 1.0
+) -> Tensor:
+    """``[len(words)]`` float64 ``N(0, scale^2)`` draws by Box-Muller; overwrites ``words``.
+
+    The first half of the words gives the radius uniform ``u1``, the second the angle
+    uniform ``u2``, each from the low 52 bits of a word ``m``: ``u2 = m 2^-52`` and
+    ``u1 = (m + 1/2) 2^-52``, built by writing ``m`` under the exponent of 1.0 (an exact
+    float in ``[1, 2)``) in the words' own memory, so the draw needs no temporaries. When
+    ``m = 0`` for the radius (probability ``2^-52``) its uniform lies in ``[0, 2^-52)`` and
+    is drawn again, scaled, from ``more_words(count)``, as deep as needed. So the radius
+    ``sqrt(-2 ln u1)`` is not cut off at ``sqrt(2 ln 2^53) ~ 8.57``, as a single 52-bit
+    uniform would cut it: the Gaussian's tail is present down to float64's smallest numbers
+    (about 38 standard deviations).
 
     Args:
-        words: an even number of int64 words.
+        words: an even number of int64 words (contiguous); used as scratch space.
         more_words: ``count -> [count] int64`` words for the rare deeper draws; ``None``
             keeps the depth-one value (test use only).
         out: a float64 tensor of ``len(words)`` elements to write the draws into.
+        scale: the standard deviation of the draws.
     """
     if words.numel() % 2:
         raise DPValueError(f"normal_from_words needs an even number of words, got {len(words)}.")
     half = words.numel() // 2
-    radius_bits = (words[:half] >> 11).bitwise_and_(_MASK53)  # [half]
-    u1 = radius_bits.to(torch.float64).add_(0.5).mul_(2.0**-53)
-    if half and int(radius_bits.min()) == 0:
-        deep = (radius_bits == 0).nonzero().flatten()
-        scale = 2.0**-53
-        while deep.numel() and more_words is not None and scale > 2.0**-1000:
-            bits = (more_words(deep.numel()) >> 11) & _MASK53
-            u1[deep] = (bits.to(torch.float64) + 0.5) * (2.0**-53 * scale)
+    # [1, 2) floats from the low 52 bits of each word, in place: exact, two passes.
+    ones = words.bitwise_and_(_MASK52).bitwise_or_(_ONE_BITS).view(torch.float64)
+    u1, angle = ones[:half], ones[half:]  # [half] each
+    deep = (u1 == 1.0).nonzero().flatten() if half and float(u1.min()) == 1.0 else None
+    u1.sub_(1.0 - 2.0**-53)  # (m + 1/2) 2^-52: exact (Sterbenz), never 0
+    if deep is not None:
+        level = 2.0**-52
+        while deep.numel() and more_words is not None and level > 2.0**-1000:
+            bits = more_words(deep.numel()) & _MASK52
+            u1[deep] = (bits.to(torch.float64) + 0.5) * (2.0**-52 * level)
             deep = deep[bits == 0]
-            scale *= 2.0**-53
-    # numpy's float64 log is vectorised (a few times faster than torch's on CPU), in place.
-    np.log(u1.numpy(), out=u1.numpy())
-    radius = u1.mul_(-2.0).sqrt_()  # [half]
-    angle = uniform_from_words(words[half:]).mul_(2.0 * math.pi)  # [half]
+            level *= 2.0**-52
+    # numpy's float64 log and sqrt are vectorised (2-3x faster than torch's on CPU); torch's
+    # cos and sin are (numpy's are not). All in place.
+    radius = u1.numpy()
+    np.log(radius, out=radius)
+    np.multiply(radius, -2.0, out=radius)
+    np.sqrt(radius, out=radius)
+    if scale != 1.0:
+        np.multiply(radius, scale, out=radius)
+    # cos and sin of 2 pi (1 + u2) = those of 2 pi u2: the shift by one period costs nothing
+    # (one pass instead of two; the argument stays below 4 pi, reduced to full precision).
+    angle.mul_(2.0 * math.pi)
     out = torch.empty(2 * half, dtype=torch.float64) if out is None else out
-    torch.cos(angle, out=out[:half]).mul_(radius)
-    torch.sin(angle, out=out[half:]).mul_(radius)
+    torch.cos(angle, out=out[:half]).mul_(u1)
+    torch.sin(angle, out=out[half:]).mul_(u1)
     return out
 
 

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from dptorch.clipping import AutomaticClipping, ClippingPolicy, FlatClipping, PerLayerClipping
 from dptorch.distributed import GradientSync
 from dptorch.errors import DPTypeError, DPValueError, DPWarning, TrainingLoopError
 from dptorch.fsdp import ShardedGradientSync
-from dptorch.noise import gaussian_noise, noise_dtype, round_to_noise_grid_
+from dptorch.noise import gaussian_noise, noise_dtype, secure_grid, snap_to_grid
 from dptorch.per_sample.engine import ClippedBatch, LossReduction, PerSampleEngine
 from dptorch.secure_random import SecureRandom
 from dptorch.validation import check_noise_multiplier, check_positive_number
@@ -115,6 +115,7 @@ class DPOptimizer(Optimizer):
         # The clipped sums of the physical batches seen so far in this logical batch.
         self._pending: ClippedBatch | None = None
         self._accumulating = False
+        self._secure_buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self.logical_steps = 0
         # Set by make_private(distributed=True): sums the noisy release over the ranks, with
         # noise drawn on one rank only (see dptorch.distributed.GradientSync).
@@ -337,25 +338,50 @@ class DPOptimizer(Optimizer):
         groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
         for param in params:
             groups.setdefault((param.device, noise_dtype(param.dtype)), []).append(param)
+        # Secure mode computes the release in units of its output grid, so that snapping to
+        # the grid is one rounding pass (see dptorch.noise.noise_grid).
+        grid = secure_grid(release_std, self.generator)
+        unit = 1.0 if grid is None else grid
         for (device, dtype), members in groups.items():
             sizes = [p.numel() for p in members]
             flat = gaussian_noise(
                 torch.Size([sum(sizes)]),
-                std=std,
+                std=std / unit,
                 dtype=dtype,
                 device=device,
                 generator=self.generator,
+                out=self._secure_work_buffer(device, dtype, sum(sizes)) if grid else None,
             )
             for param, noise in zip(members, flat.split(sizes), strict=True):
                 total = clipped.sums.get(param)
                 if total is not None:
-                    noise.view(param.shape).add_(total.to(dtype), alpha=1.0 / divisor)
+                    noise.view(param.shape).add_(total.to(dtype), alpha=1.0 / (divisor * unit))
             if sync is not None:
                 sync.sum_(flat)  # one collective per group, in the same order on every rank
-            round_to_noise_grid_(flat, release_std, self.generator)  # secure mode only
+            if grid is not None:
+                flat = snap_to_grid(flat, grid, dtype)
             for param, noisy in zip(members, flat.split(sizes), strict=True):
                 param.grad = noisy.view(param.shape).to(param.dtype)
                 self.engine.note_released(param, param.grad)
+
+    def _secure_work_buffer(
+        self, device: torch.device, dtype: torch.dtype, numel: int
+    ) -> Tensor | None:
+        """Secure mode's float64 release buffer for one (device, dtype) group, kept across steps.
+
+        The release is computed in it and snapped into a new ``dtype`` tensor, so nothing the
+        user can hold aliases it; reusing it spares each step the first touch of 8 bytes per
+        coordinate of fresh memory (measured: a third of secure mode's extra time on the MLP
+        benchmark). float64 groups get no buffer: their snapped release IS the buffer.
+        """
+        if dtype == torch.float64:
+            return None
+        key = (device, dtype)
+        buffer = self._secure_buffers.get(key)
+        if buffer is None or buffer.numel() != numel:
+            buffer = torch.empty(numel, dtype=torch.float64, device=device)
+            self._secure_buffers[key] = buffer
+        return buffer
 
 
 def _warn_nonfinite(clipped: ClippedBatch) -> None:
