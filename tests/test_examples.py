@@ -75,12 +75,16 @@ def _fake_fashion_mnist() -> tuple[TensorDataset, TensorDataset]:
             "cosine",
         ],
         ["--non-private"],
+        ["--dataset", "mnist"],
     ],
 )
 def test_fashion_mnist_recipe_runs(monkeypatch: pytest.MonkeyPatch, extra: list[str]) -> None:
     recipe = _load("fashion_mnist_recipe")
     monkeypatch.setattr(recipe, "load_fashion_mnist", _fake_fashion_mnist)
+    monkeypatch.setattr(recipe, "load_mnist", _fake_fashion_mnist)  # same shapes as MNIST
     result = recipe.main(["--smoke", "--epsilon", "3", *extra])
+    expected = "mnist" if "mnist" in extra else "fashion-mnist"
+    assert result["dataset"] == f"{expected} (smoke slice)"
     assert 0.0 <= result["test_accuracy"] <= 1.0
     assert len(result["history"]) == 1  # one epoch, scored on the held-out split
     if "--non-private" in extra:

