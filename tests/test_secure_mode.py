@@ -319,6 +319,32 @@ def test_secure_noise_has_std_sigma_c_over_the_expected_batch_size() -> None:
     assert float(grad.std()) == pytest.approx(2.0 / BATCH, rel=6 * math.sqrt(0.5 / 1e4))
 
 
+def test_the_secure_release_carries_the_clipped_sum_over_the_expected_batch_size() -> None:
+    # With almost no noise, secure and ordinary mode release the same clipped sum / (q N):
+    # the grid-unit arithmetic (noise / grid, sum / (divisor grid), snapped back) must
+    # neither rescale the sum nor change the divisor.
+    x, y = torch.randn(BATCH, 4), torch.randint(0, 2, (BATCH,))
+    released = []
+    for secure in (False, True):
+        torch.manual_seed(0)
+        model = _mlp()
+        engine = PrivacyEngine(secure_mode=secure)
+        module, optimizer, _ = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(_dataset(), batch_size=BATCH // 2),  # q N = BATCH / 2
+            noise_multiplier=1e-9,
+            max_grad_norm=0.5,
+        )
+        optimizer.zero_grad()
+        F.cross_entropy(module(x), y, reduction="mean").backward()
+        optimizer.step()
+        released.append([p.grad.clone() for p in module.parameters()])
+    for ordinary, secure_grad in zip(*released, strict=True):
+        assert secure_grad.abs().max() > 1e-3  # a real, non-zero gradient
+        torch.testing.assert_close(secure_grad, ordinary, rtol=1e-5, atol=1e-7)
+
+
 def test_the_release_buffer_is_reused_and_never_handed_out() -> None:
     model = nn.Linear(100, 100, bias=False)
     _, module, optimizer, _ = _secure_run(model, noise_multiplier=2.0)

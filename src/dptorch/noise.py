@@ -50,8 +50,9 @@ def gaussian_noise(
     """A ``shape`` tensor of independent ``N(0, std^2)`` draws.
 
     With a :class:`SecureRandom` generator the draws come from it, in float64 (whatever
-    ``dtype``), are made on the CPU and copied to ``device``; round the released values
-    with :func:`round_to_noise_grid_` afterwards.
+    ``dtype``), are made on the CPU and copied to ``device``; round the released values to
+    the grid afterwards (:func:`round_to_noise_grid_`, or :func:`snap_to_grid` for a release
+    computed in grid units).
 
     Args:
         out: a buffer to draw into instead of a new tensor (reused across steps, it spares
