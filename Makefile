@@ -60,7 +60,13 @@ bench-accounting: venv
 # configuration in a fresh process. Same optional Opacus install as bench-accounting.
 # BENCH_ARGS passes options, e.g. `make bench BENCH_ARGS="--quick --models mlp,cnn"`.
 BENCH_ARGS ?=
-.PHONY: bench
+.PHONY: bench bench-interleaved
 bench: venv
 	$(BIN)/python -m pip install --no-deps opacus==1.6.0 opt_einsum
 	$(BIN)/python benchmarks/training.py $(BENCH_ARGS)
+
+# The same models with plain PyTorch, dptorch and Opacus timed alternately in one process per
+# model: ratios that a shared machine's drifting load does not skew (no memory numbers).
+bench-interleaved: venv
+	$(BIN)/python -m pip install --no-deps opacus==1.6.0 opt_einsum
+	$(BIN)/python benchmarks/interleaved.py $(BENCH_ARGS)

@@ -125,3 +125,27 @@ def test_recurrent_layers_torch_func_cannot_batch_are_refused_at_make_private(
             noise_multiplier=1.0,
             max_grad_norm=1.0,
         )
+
+
+CONV_CASES = [case for case in CASES if case.name.startswith("conv")]
+
+
+@pytest.mark.parametrize("method", ["grouped", "unfold"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_both_conv_instantiations_match_oracle(
+    case: LayerCase, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cost rule picks one way to instantiate per layer; each must be exact on its own."""
+    from dptorch.per_sample.rules import conv
+
+    monkeypatch.setattr(conv, "_unfold_is_faster", lambda module: method == "unfold")
+    test_applied_gradient_matches_oracle(case, "active", "sum", "instantiate")
+
+
+def test_conv_instantiation_choice_follows_measured_rule() -> None:
+    from dptorch.per_sample.rules.conv import _unfold_is_faster
+
+    assert _unfold_is_faster(nn.Conv2d(3, 16, 3, padding=1))  # narrow 3x3 stem: unfold
+    assert not _unfold_is_faster(nn.Conv2d(1, 16, 8, 2, padding=3))  # large kernel: grouped
+    assert not _unfold_is_faster(nn.Conv2d(16, 16, 3, padding=1))  # wide groups: grouped
+    assert _unfold_is_faster(nn.Conv2d(32, 32, 3, groups=8))  # 4 channels per group

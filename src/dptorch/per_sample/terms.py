@@ -52,6 +52,20 @@ def rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.vecdot(a, b)
 
 
+def rowwise_sq_norm(a: Tensor) -> Tensor:
+    """``sum(a * a, dim=-1)``: each row's squared Euclidean norm.
+
+    ``vector_norm`` is one fused reduction; ``vecdot`` and ``(a * a).sum`` first write the
+    full product (measured on the CPU for ``[256, 8192]``: 0.15 ms against 0.53 ms, and 16x
+    apart for ``[256, 401408]``, where the product no longer fits in cache). Squaring the
+    root costs about one rounding (relative error ~1e-7 in float32). Half precision keeps
+    the product-and-sum: its norm would be accumulated and returned in half.
+    """
+    if a.dtype in (torch.float16, torch.bfloat16):
+        return rowwise_dot(a, a)
+    return torch.linalg.vector_norm(a, dim=-1).square()
+
+
 @dataclass(eq=False)
 class DenseTerm:
     """Instantiated per-example gradients ``grad_sample[i]`` of ``param``: ``[B, *param.shape]``."""
@@ -68,7 +82,7 @@ class DenseTerm:
 
     def norm_sq(self, route: NormRoute = "auto") -> Tensor:
         flat = self.grad_sample.reshape(self.batch_size, self.param.numel())  # 0-dim params too
-        return rowwise_dot(flat, flat)
+        return rowwise_sq_norm(flat)
 
     def weighted_sum(self, factors: Tensor, sanitize: bool = False) -> Tensor:
         if sanitize:
@@ -180,8 +194,7 @@ class OuterTerm:
         if isinstance(self.rows, IndexRows):
             return self._sparse_rows_norm_sq()
         self._instantiated = self.instantiate()
-        flat = self._instantiated.flatten(1)
-        return (flat * flat).sum(dim=1)
+        return rowwise_sq_norm(self._instantiated.flatten(1))
 
     def _sparse_rows_norm_sq(self) -> Tensor:
         # Segment-sum the output gradients of equal (example, index) pairs, then take norms:
@@ -206,8 +219,12 @@ class OuterTerm:
             isinstance(self.rows, IndexRows) or isinstance(other.rows, IndexRows)
         ):
             # One position ([B, d] inputs): <r r'> <c c'> per group, without B tiny matmuls.
-            rows_dot = rowwise_dot(self.rows.flatten(2), other.rows.flatten(2))  # [B, g]
-            cols_dot = rowwise_dot(self.cols.flatten(2), other.cols.flatten(2))
+            if other is self:
+                rows_dot = rowwise_sq_norm(self.rows.flatten(2))  # [B, g]
+                cols_dot = rowwise_sq_norm(self.cols.flatten(2))
+            else:
+                rows_dot = rowwise_dot(self.rows.flatten(2), other.rows.flatten(2))
+                cols_dot = rowwise_dot(self.cols.flatten(2), other.cols.flatten(2))
             return (rows_dot * cols_dot).sum(dim=1)
         rows = _row_gram(self.rows, other.rows, self.cols.dtype)
         cols = torch.matmul(self.cols, other.cols.transpose(2, 3))
@@ -305,8 +322,7 @@ def combined_norm_sq(terms: list[GradTerm], route: NormRoute = "auto") -> Tensor
     summed = terms[0].instantiate()
     for term in terms[1:]:
         summed = summed + term.instantiate()
-    flat = summed.reshape(summed.shape[0], terms[0].param.numel())
-    return rowwise_dot(flat, flat)
+    return rowwise_sq_norm(summed.reshape(summed.shape[0], terms[0].param.numel()))
 
 
 def _ghost_wins(terms: list[OuterTerm]) -> bool:
