@@ -237,8 +237,13 @@ class OuterTerm:
                 return scale_samples(grads, factors, sanitize=True).sum(dim=0)
             flat = factors.to(grads.dtype) @ grads.flatten(1)  # [R*C]
             return flat.view(self.param.shape)
-        cols = scale_samples(self.cols, factors, sanitize)
         rows = self.rows
+        if not sanitize and isinstance(rows, Tensor) and rows.shape[3] < self.cols.shape[3]:
+            # The factor can go into either side of the contraction; scaling the narrower
+            # one copies less (a 1024 -> 256 Linear's rows are a quarter of its cols).
+            rows, cols = scale_samples(rows, factors, sanitize=False), self.cols
+        else:
+            cols = scale_samples(self.cols, factors, sanitize)
         if sanitize and not isinstance(rows, IndexRows):
             # The rows of a dropped example may hold NaN too, and NaN * 0 is NaN.
             rows = scale_samples(rows, (factors != 0).to(rows.dtype), sanitize=True)
