@@ -47,8 +47,14 @@ def _median_block(step: Callable[[], Any]) -> tuple[float, list[float]]:
     return statistics.median(steps), steps
 
 
-def run_worker(model: str, modes: list[str], blocks: int) -> dict[str, Any]:
+def run_worker(
+    model: str, modes: list[str], blocks: int, retain_memory: bool = False
+) -> dict[str, Any]:
     """Time ``modes`` of ``model`` in alternating blocks; ``modes[0]`` is the reference."""
+    if retain_memory:  # for every mode alike, plain included
+        from dptorch.host_memory import retain_freed_memory
+
+        retain_freed_memory()
     torch.set_num_threads(training.THREADS)
     warnings.simplefilter("ignore")
     steps: dict[str, Callable[[], Any]] = {}
@@ -84,12 +90,15 @@ def run_worker(model: str, modes: list[str], blocks: int) -> dict[str, Any]:
     }
 
 
-def run_models(models: list[str], modes: list[str], blocks: int) -> list[dict[str, Any]]:
+def run_models(
+    models: list[str], modes: list[str], blocks: int, retain_memory: bool = False
+) -> list[dict[str, Any]]:
     """One fresh worker process per model; prints a line per model as it finishes."""
     results = []
     for model in models:
         command = [sys.executable, __file__, "--worker", model]
         command += ["--modes", ",".join(modes), "--blocks", str(blocks)]
+        command += ["--retain-freed-memory"] if retain_memory else []
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
         if not lines:
@@ -162,6 +171,12 @@ def main(
     parser.add_argument("--models", default=",".join(training.MODELS))
     parser.add_argument("--modes", default=",".join(default_modes), help="first = reference")
     parser.add_argument("--blocks", type=int, default=10, help="blocks per mode (at most)")
+    parser.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="call dptorch.host_memory.retain_freed_memory() in every worker (all modes)",
+    )
+    parser.add_argument("--output", default=stem, help="results file stem (default: %(default)s)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     modes = args.modes.split(",")
@@ -169,11 +184,14 @@ def main(
     if unknown:
         parser.error(f"unknown modes {unknown}; choose from {list(training.MODES)}")
     if args.worker:
-        print(RESULT_TAG + json.dumps(run_worker(args.worker, modes, args.blocks)), flush=True)
+        result = run_worker(args.worker, modes, args.blocks, args.retain_freed_memory)
+        print(RESULT_TAG + json.dumps(result), flush=True)
         return
     started = time.perf_counter()
-    results = run_models(args.models.split(","), modes, args.blocks)
-    print(write_results(results, modes, stem, time.perf_counter() - started, title))
+    results = run_models(args.models.split(","), modes, args.blocks, args.retain_freed_memory)
+    if args.retain_freed_memory:
+        title += " (retain_freed_memory in every worker)"
+    print(write_results(results, modes, args.output, time.perf_counter() - started, title))
 
 
 if __name__ == "__main__":

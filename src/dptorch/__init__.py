@@ -26,6 +26,7 @@ from dptorch.errors import (
     TrainingLoopError,
     UnsupportedModuleError,
 )
+from dptorch.host_memory import retain_freed_memory
 from dptorch.optimizers import DPOptimizer
 from dptorch.per_sample import register_rule
 from dptorch.privacy_engine import PrivacyEngine
@@ -55,5 +56,6 @@ __all__ = [
     "UnsupportedModuleError",
     "__version__",
     "register_rule",
+    "retain_freed_memory",
     "sweep_max_grad_norm",
 ]
