@@ -42,10 +42,12 @@ def scale_samples(tensor: Tensor, factors: Tensor, sanitize: bool) -> Tensor:
 
 
 def rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``sum(a * b, dim=-1)`` in one fused reduction, without the ``a * b`` temporary.
+    """``sum(a * b, dim=-1)`` for two different tensors (for ``a`` with itself use
+    :func:`rowwise_sq_norm`, which is faster).
 
     ``torch.linalg.vecdot`` (it conjugates ``a``, a no-op for the real tensors used here) where
-    the CPU supports the dtype; the plain product-and-sum for half precision on the CPU.
+    the CPU supports the dtype; the plain product-and-sum for half precision on the CPU. On the
+    CPU both write the ``a * b`` product before summing.
     """
     if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
         return (a * b).sum(dim=-1)

@@ -170,13 +170,11 @@ def conv_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> list[G
             ctx.norm_route == "auto" and _ghost_is_cheaper(module, positions)
         )
         if not ghost and batch > 0:
-            by_unfold = _unfold_is_faster(module)
-            instantiate = (
-                per_sample_conv_weight_grads_by_unfold
-                if by_unfold
-                else per_sample_conv_weight_grads
-            )
-            terms.append(DenseTerm(module.weight, instantiate(x, out_grad, module)))
+            if _unfold_is_faster(module):
+                grads = per_sample_conv_weight_grads_by_unfold(x, out_grad, module)
+            else:
+                grads = per_sample_conv_weight_grads(x, out_grad, module)
+            terms.append(DenseTerm(module.weight, grads))
         else:
             patches = unfold_patches(x, module)  # [B, P, C_in * K]
             per_group = patches.shape[2] // groups
