@@ -517,3 +517,13 @@ def test_secure_noise_on_the_gpu_is_drawn_on_the_cpu_and_copied() -> None:
     assert grad is not None and grad.device.type == "cuda"
     steps = grad.double() / noise_grid(1.0 / BATCH)
     assert torch.equal(steps, steps.round())
+
+
+def test_a_scale_too_large_to_square_still_scales_the_draws() -> None:
+    # The scale is folded into the radius as scale^2; above ~1e154 that overflows, and the
+    # draws must still be the standard ones times the scale, not inf.
+    words = _words(1000, seed=4)
+    reference = normal_from_words(words)
+    huge = normal_from_words_(words.clone(), scale=1e200)
+    assert bool(torch.isfinite(huge).all())
+    assert torch.allclose(huge, 1e200 * reference, rtol=1e-14, atol=0.0)

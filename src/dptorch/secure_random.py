@@ -33,7 +33,6 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -311,20 +310,19 @@ def normal_from_words_(
             u1[deep] = (bits.to(torch.float64) + 0.5) * (2.0**-52 * level)
             deep = deep[bits == 0]
             level *= 2.0**-52
-    # numpy's float64 log and sqrt are vectorised (2-3x faster than torch's on CPU); torch's
-    # cos and sin are (numpy's are not). All in place.
-    radius = u1.numpy()
-    np.log(radius, out=radius)
-    np.multiply(radius, -2.0, out=radius)
-    np.sqrt(radius, out=radius)
-    if scale != 1.0:
-        np.multiply(radius, scale, out=radius)
+    # sqrt(-2 ln u1) |scale| = sqrt(ln u1 (-2 scale^2)): the scale costs no extra pass. All
+    # in place and in torch, whose log and sqrt split over the intra-op threads (numpy's run
+    # on one: 0.32 and 0.34 ms against torch's 0.18 and 0.10 for 335k draws, 2 threads).
+    factor = -2.0 * scale * scale
+    radius = u1.log_().mul_(factor if math.isfinite(factor) else -2.0).sqrt_()
+    if not math.isfinite(factor):  # a scale above ~1e154: applied on its own
+        radius.mul_(abs(scale))
     # cos and sin of 2 pi (1 + u2) = those of 2 pi u2: the shift by one period costs nothing
     # (one pass instead of two; the argument stays below 4 pi, reduced to full precision).
     angle.mul_(2.0 * math.pi)
     out = torch.empty(2 * half, dtype=torch.float64) if out is None else out
-    torch.cos(angle, out=out[:half]).mul_(u1)
-    torch.sin(angle, out=out[half:]).mul_(u1)
+    torch.cos(angle, out=out[:half]).mul_(radius)
+    torch.sin(angle, out=out[half:]).mul_(radius)
     return out
 
 

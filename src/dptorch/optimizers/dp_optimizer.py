@@ -355,7 +355,7 @@ class DPOptimizer(Optimizer):
             for param, noise in zip(members, flat.split(sizes), strict=True):
                 total = clipped.sums.get(param)
                 if total is not None:
-                    noise.view(param.shape).add_(total.to(dtype), alpha=1.0 / (divisor * unit))
+                    noise.view(param.shape).add_(total, alpha=1.0 / (divisor * unit))
             if sync is not None:
                 sync.sum_(flat)  # one collective per group, in the same order on every rank
             if grid is not None:
