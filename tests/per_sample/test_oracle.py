@@ -138,14 +138,17 @@ def test_both_conv_instantiations_match_oracle(
     """The cost rule picks one way to instantiate per layer; each must be exact on its own."""
     from dptorch.per_sample.rules import conv
 
-    monkeypatch.setattr(conv, "_unfold_is_faster", lambda module: method == "unfold")
+    monkeypatch.setattr(conv, "_unfold_is_faster", lambda module, positions: method == "unfold")
     test_applied_gradient_matches_oracle(case, "active", "sum", "instantiate")
 
 
 def test_conv_instantiation_choice_follows_measured_rule() -> None:
     from dptorch.per_sample.rules.conv import _unfold_is_faster
 
-    assert _unfold_is_faster(nn.Conv2d(3, 16, 3, padding=1))  # narrow 3x3 stem: unfold
-    assert not _unfold_is_faster(nn.Conv2d(1, 16, 8, 2, padding=3))  # large kernel: grouped
-    assert not _unfold_is_faster(nn.Conv2d(16, 16, 3, padding=1))  # wide groups: grouped
-    assert _unfold_is_faster(nn.Conv2d(32, 32, 3, groups=8))  # 4 channels per group
+    assert _unfold_is_faster(nn.Conv2d(3, 16, 3, padding=1), 1024)  # narrow 3x3 stem
+    assert not _unfold_is_faster(nn.Conv2d(1, 16, 8, 2, padding=3), 196)  # large kernel
+    assert not _unfold_is_faster(nn.Conv2d(16, 16, 3, padding=1), 1024)  # wide groups
+    assert not _unfold_is_faster(nn.Conv2d(16, 32, 4, 2), 25)  # few positions, 16 channels
+    assert _unfold_is_faster(nn.Conv2d(64, 64, 3, padding=1), 64)  # wide, few positions
+    assert not _unfold_is_faster(nn.Conv2d(64, 64, 3, padding=1), 256)  # wide, more positions
+    assert _unfold_is_faster(nn.Conv2d(32, 32, 3, groups=8), 1024)  # 4 channels per group

@@ -11,7 +11,7 @@ Two exact forms, chosen per call by cost:
     arithmetic as the ordinary weight gradient (which is skipped), no patch matrix;
   - *by unfolded patches and one batched matmul*: ``G[i] @ patches[i]`` per example. It
     writes the patch matrix (``B * P * C_in * K`` values) but runs as dense GEMMs; the grouped
-    kernel is slow where each group is narrow (few input channels) or the output has few
+    kernel is slow where each group is narrow (few input channels), or wide with few output
     positions, and there this form wins (see :func:`_unfold_is_faster`).
 * **Ghost, on unfolded patches.** A convolution is a Linear layer applied at every output
   position ``p`` to the input patch under the kernel, so ``g_i = sum_p G[i, :, p] (x)
@@ -56,23 +56,42 @@ def _padded_input(x: Tensor, conv: ConvNd) -> Tensor:
     return F.pad(x, pads) if any(pads) else x
 
 
+def _windows(x: Tensor, conv: ConvNd) -> Tensor:
+    """``[B, C_in, o_1..o_n, k_1..k_n]``: a view of each output position's input window."""
+    windows = _padded_input(x, conv)
+    for dim in range(len(conv.kernel_size)):
+        span = conv.dilation[dim] * (conv.kernel_size[dim] - 1) + 1
+        windows = windows.unfold(2 + dim, span, conv.stride[dim])
+    # [B, C, o_1..o_n, span_1..span_n]: keep every dilation-th element of each window.
+    index: tuple[Any, ...] = (Ellipsis, *(slice(None, None, d) for d in conv.dilation))
+    return windows[index]
+
+
 def unfold_patches(x: Tensor, conv: ConvNd) -> Tensor:
     """``[B, P, C_in * prod(kernel)]`` patches, channel-major like ``conv.weight``."""
     spatial = len(conv.kernel_size)
-    patches = _padded_input(x, conv)
-    for dim in range(spatial):
-        span = conv.dilation[dim] * (conv.kernel_size[dim] - 1) + 1
-        patches = patches.unfold(2 + dim, span, conv.stride[dim])
-    # [B, C, o_1..o_n, span_1..span_n]: keep every dilation-th element of each window.
-    window: tuple[slice, ...] = tuple(slice(None, None, d) for d in conv.dilation)
-    index: tuple[Any, ...] = (Ellipsis, *window)
-    patches = patches[index]
-    batch, channels = x.shape[0], x.shape[1]
-    out_dims = list(range(2, 2 + spatial))
-    kernel_dims = list(range(2 + spatial, 2 + 2 * spatial))
-    patches = patches.permute(0, *out_dims, 1, *kernel_dims)  # [B, o..., C, k...]
+    out_dims = range(2, 2 + spatial)
+    kernel_dims = range(2 + spatial, 2 + 2 * spatial)
+    patches = _windows(x, conv).permute(0, *out_dims, 1, *kernel_dims)  # [B, o..., C, k...]
     positions = math.prod(patches.shape[1 : 1 + spatial])
-    return patches.reshape(batch, positions, channels * math.prod(conv.kernel_size))
+    return patches.reshape(x.shape[0], positions, x.shape[1] * math.prod(conv.kernel_size))
+
+
+def channel_major_patches(x: Tensor, conv: ConvNd) -> Tensor:
+    """``[B, C_in * prod(kernel), P]`` patches, laid out like ``F.unfold``'s (and the weight's).
+
+    One strided copy of the input's windows, 2-10x faster than ``F.unfold`` on the CPU (a
+    3 -> 16 channel 3x3 layer on 32x32, batch 256: 0.7 ms against 6.7 ms). The windows are
+    copied straight into each layout: making :func:`unfold_patches`' from this one (a
+    transposing copy) was faster for that layer (4.8 against 14.9 ms) but slower for 64
+    channels on 8x8 (35 against 22 ms).
+    """
+    spatial = len(conv.kernel_size)
+    out_dims = range(2, 2 + spatial)
+    kernel_dims = range(2 + spatial, 2 + 2 * spatial)
+    patches = _windows(x, conv).permute(0, 1, *kernel_dims, *out_dims)  # [B, C, k..., o...]
+    positions = math.prod(patches.shape[2 + spatial :])
+    return patches.reshape(x.shape[0], x.shape[1] * math.prod(conv.kernel_size), positions)
 
 
 def _explicit_padding(conv: ConvNd) -> list[int] | None:
@@ -120,31 +139,30 @@ def per_sample_conv_weight_grads_by_unfold(x: Tensor, grad: Tensor, conv: ConvNd
     patches and one batched matmul per group (``[C_out/g, P] @ [P, C_in/g * K]``)."""
     batch, groups = x.shape[0], conv.groups
     positions = math.prod(grad.shape[2:])
-    padding = _explicit_padding(conv)
-    if len(conv.kernel_size) == 2 and padding is not None:
-        # im2col in one kernel: [B, C_in * K, P], channel-major like the weight.
-        patches = F.unfold(x, conv.kernel_size, conv.dilation, tuple(padding), conv.stride)
-        patches = patches.view(batch, groups, -1, positions).transpose(2, 3)
-    else:
-        flat = unfold_patches(x, conv)  # [B, P, C_in * K]
-        patches = flat.view(batch, positions, groups, -1).transpose(1, 2)
+    # [B, C_in * K, P] -> [B, g, P, C_in/g * K]: a transposed view, which the matmul reads
+    # as it is (no copy).
+    patches = channel_major_patches(x, conv).view(batch, groups, -1, positions).transpose(2, 3)
     rows = grad.reshape(batch, groups, conv.out_channels // groups, positions)
     return torch.matmul(rows, patches).view(batch, *conv.weight.shape)  # [B, g, C_out/g, C_in/g*K]
 
 
-def _unfold_is_faster(conv: ConvNd) -> bool:
-    """Whether to instantiate by unfolded patches rather than the grouped kernel.
+def _unfold_is_faster(conv: ConvNd, positions: int) -> bool:
+    """Whether to instantiate by patches and a batched matmul rather than the grouped kernel.
 
-    Measured on the CPU (2 threads, batch 256, whole training steps timed A/B in one
-    process): the grouped kernel is slow for narrow groups, e.g. a 3 -> 16 channel 3x3 stem
-    on 32x32 inputs (6 GMAC/s against 60-70 for 16-32 channels), and unfolding that layer
-    took the ResNet benchmark from 1.41x to 1.31x plain. With larger kernels the patch matrix
-    grows with the kernel volume and the grouped kernel won again (a 1 -> 16 channel 8x8
-    stem: 1.45x grouped, 1.75x unfolded); so did every layer with 16 or more input channels
-    per group, including 64 -> 64 on 8x8 (1.41x grouped, 1.39-1.41x unfolded: no gain).
+    Measured on the CPU (2 threads, batch 256; per layer by ``benchmarks/conv_patches.py``,
+    then whole training steps timed A/B in one process). The grouped kernel is slow for
+    narrow groups, e.g. a 3 -> 16 channel 3x3 stem on 32x32 (12.8 ms against 5.3 ms by
+    patches; the ResNet went from 1.41x to 1.31x plain when its stem was unfolded), and for
+    wide groups on few output positions (64 -> 64 on 8x8: 38 ms against 30 ms; the ResNet's
+    two such layers unfolded: 1.53x -> 1.47x and 1.61x -> 1.57x plain in two runs). With
+    larger kernels the patch matrix grows with the kernel volume and the grouped kernel wins
+    (a 1 -> 16 channel 8x8 stem: 2.7 against 3.2 ms), as it does for 16-32 channels on 13x13
+    to 32x32 (up to 7x faster there). Unfolding both MNIST-CNN layers moved that model by
+    0.03-0.05 either way across runs, too little to count.
     """
     per_group_in = conv.in_channels // conv.groups
-    return per_group_in <= 4 and math.prod(conv.kernel_size) <= 9
+    narrow = per_group_in <= 4 and math.prod(conv.kernel_size) <= 9
+    return narrow or (per_group_in >= 64 and positions <= 64)
 
 
 def _ghost_is_cheaper(conv: ConvNd, positions: int) -> bool:
@@ -170,7 +188,7 @@ def conv_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> list[G
             ctx.norm_route == "auto" and _ghost_is_cheaper(module, positions)
         )
         if not ghost and batch > 0:
-            if _unfold_is_faster(module):
+            if _unfold_is_faster(module, positions):
                 grads = per_sample_conv_weight_grads_by_unfold(x, out_grad, module)
             else:
                 grads = per_sample_conv_weight_grads(x, out_grad, module)
