@@ -150,15 +150,15 @@ def _unfold_is_faster(conv: ConvNd, positions: int) -> bool:
     """Whether to instantiate by patches and a batched matmul rather than the grouped kernel.
 
     Measured on the CPU (2 threads, batch 256; per layer by ``benchmarks/conv_patches.py``,
-    then whole training steps timed A/B in one process). The grouped kernel is slow for
-    narrow groups, e.g. a 3 -> 16 channel 3x3 stem on 32x32 (12.8 ms against 5.3 ms by
-    patches; the ResNet went from 1.41x to 1.31x plain when its stem was unfolded), and for
-    wide groups on few output positions (64 -> 64 on 8x8: 38 ms against 30 ms; the ResNet's
-    two such layers unfolded: 1.53x -> 1.47x and 1.61x -> 1.57x plain in two runs). With
-    larger kernels the patch matrix grows with the kernel volume and the grouped kernel wins
-    (a 1 -> 16 channel 8x8 stem: 2.7 against 3.2 ms), as it does for 16-32 channels on 13x13
-    to 32x32 (up to 7x faster there). Unfolding both MNIST-CNN layers moved that model by
-    0.03-0.05 either way across runs, too little to count.
+    three runs, then whole training steps timed A/B in one process). The grouped kernel is
+    slow for narrow groups, e.g. a 3 -> 16 channel 3x3 stem on 32x32 (11-15 ms against 5-6
+    ms by patches; the ResNet went from 1.41x to 1.31x plain when its stem was unfolded), and
+    for wide groups on few output positions (64 -> 64 on 8x8: 38-43 ms against 30-37 ms; the
+    ResNet's two such layers unfolded: 1.53x -> 1.47x and 1.61x -> 1.57x plain in two runs).
+    It wins by 3-7x for 16-32 channels on 16x16 and 32x32. The MNIST CNN's layers are close
+    calls: its 1 -> 16 channel 8x8 stem per layer 2.6-4.1 ms grouped against 2.4-3.7 ms by
+    patches, but unfolding it made the whole step slower (1.46x -> 1.54x plain); unfolding
+    both of its layers moved the step by 0.03-0.05 either way across runs. Those stay grouped.
     """
     per_group_in = conv.in_channels // conv.groups
     narrow = per_group_in <= 4 and math.prod(conv.kernel_size) <= 9
