@@ -56,6 +56,7 @@ def _unfold(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 def time_layer(conv: nn.Conv2d, shape: tuple[int, ...]) -> dict[str, float]:
+    """Median ms of each way for one layer on a fixed random input and output gradient."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, *shape, generator=generator)
     with torch.no_grad():
