@@ -527,3 +527,9 @@ def test_a_scale_too_large_to_square_still_scales_the_draws() -> None:
     huge = normal_from_words_(words.clone(), scale=1e200)
     assert bool(torch.isfinite(huge).all())
     assert torch.allclose(huge, 1e200 * reference, rtol=1e-14, atol=0.0)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0])
+def test_a_scale_that_is_no_standard_deviation_is_refused(scale: float) -> None:
+    with pytest.raises(DPValueError, match=r"scale=.*finite standard deviation"):
+        SecureRandom("os").normal(4, scale)

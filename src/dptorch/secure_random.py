@@ -172,7 +172,15 @@ class SecureRandom:
                 draw until used. Leave it off when the model computes on the CPU: there the
                 draw competes with the step for the same cores (measured: no faster, more
                 memory; see docs/hardening.md).
+
+        Raises:
+            DPValueError: ``scale`` NaN, infinite or negative.
         """
+        if not (math.isfinite(scale) and scale >= 0):
+            raise DPValueError(
+                f"SecureRandom.normal: scale={scale!r} must be a finite standard deviation >= 0 "
+                "(a NaN or infinite scale gives NaN or inf noise; pass the noise's std)."
+            )
         if not ahead:
             if out is None:
                 out = torch.empty(count, dtype=torch.float64)
