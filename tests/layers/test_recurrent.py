@@ -272,3 +272,29 @@ def test_make_private_trains_an_embedding_dplstm_classifier() -> None:
             optimizer.step()
     assert loss_now() < before - 0.1  # from 0.69 (chance) to 0.48 with these seeds
     assert 0 < engine.get_epsilon(delta=1e-5) < float("inf")
+
+
+@pytest.mark.parametrize(
+    ("layer", "recurrent_calls"),
+    [
+        # LSTM and RNN: one call of each W_hh per layer and direction, whatever T is.
+        (DPLSTM(D_IN, H, num_layers=2, bidirectional=True, batch_first=True), 4),
+        (DPRNN(D_IN, H, bidirectional=True, batch_first=True), 2),
+        # GRU: its reset gate multiplies W_hn h, so W_hh is called at every step.
+        (DPGRU(D_IN, H, batch_first=True), T),
+    ],
+    ids=["lstm", "rnn", "gru"],
+)
+def test_recurrent_weights_are_captured_once_per_sequence_where_they_enter_additively(
+    layer: DPRNNBase, recurrent_calls: int
+) -> None:
+    from dptorch.per_sample.engine import PerSampleEngine
+
+    engine = PerSampleEngine(layer, list(layer.parameters()))
+    engine.attach()
+    try:
+        layer(torch.randn(B, T, D_IN))[0].sum().backward()
+        recurrent = [r for r in engine.capture.records if r.path.startswith("hh_")]
+        assert len(recurrent) == recurrent_calls
+    finally:
+        engine.detach()

@@ -147,6 +147,26 @@ class PackedDPRecurrent(nn.Module):
         return self.out(padded)
 
 
+def _frozen_input_projection(rnn: nn.Module) -> nn.Module:
+    """``rnn`` with ``W_ih``/``b_ih`` frozen: only the recurrent weights (and the head) train,
+    and nothing upstream of the recurrent call needs gradients."""
+    rnn.ih_l0.requires_grad_(False)
+    return DPRecurrent(rnn)
+
+
+class ScaledDPRecurrent(nn.Module):
+    """Owns a parameter itself, so dptorch's torch.func fallback re-runs its whole forward,
+    recurrent layer included, on each example."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, rnn.hidden_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rnn(x)[0] * self.scale
+
+
 class _First(nn.Module):
     """The output sequence of a recurrent layer's ``(output, state)``."""
 
@@ -317,6 +337,21 @@ CASES: list[LayerCase] = [
             DPLSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True), False
         ),
         _padded_tokens(5, sort=False),
+    ),
+    LayerCase(
+        "dplstm_frozen_input_projection",
+        lambda: _frozen_input_projection(DPLSTM(4, 5, batch_first=True)),
+        _randn(4, 4),
+    ),
+    LayerCase(
+        "dprnn_tanh_packed_bidirectional",
+        lambda: PackedDPRecurrent(DPRNN(3, 4, bidirectional=True, batch_first=True), False),
+        _padded_tokens(5, sort=False),
+    ),
+    LayerCase(
+        "dplstm_inside_a_fallback_module",
+        lambda: ScaledDPRecurrent(DPLSTM(4, 5, batch_first=True)),
+        _randn(3, 4),
     ),
     LayerCase(
         "dpgru_packed_sorted",

@@ -86,8 +86,8 @@ def _smaller_accounted_rate() -> Any:
 def _embedding_norm_dropped() -> Any:
     real = per_sample_engine.combined_norm_sq
 
-    def without_embeddings(terms: list[Any], route: Any) -> Tensor:
-        norm_sq = real(terms, route)
+    def without_embeddings(terms: list[Any], route: Any, **kwargs: Any) -> Tensor:
+        norm_sq = real(terms, route, **kwargs)
         if any(isinstance(getattr(term, "rows", None), IndexRows) for term in terms):
             return torch.zeros_like(norm_sq)
         return norm_sq

@@ -47,9 +47,9 @@ class DPLSTM(DPRNNBase):
     ``[T, B, ...]``, unbatched ``[T, input_size]``, or a ``PackedSequence``) returns
     ``(output, (h_n, c_n))`` exactly as ``nn.LSTM``; missing states are zeros.
 
-    Privacy: each example's outputs depend only on its own sequence, and every parameter is
-    used only by calling its own ``nn.Linear``, so dptorch's per-sample gradients are exact
-    (the engine merges the per-step calls of ``W_hh``). The layer's layout need not match
+    Privacy: each example's outputs depend only on its own sequence, and every parameter gets
+    gradient only through calls of its own module (``W_hh`` through one call per sequence,
+    see :mod:`dptorch.layers.recurrent_linear`), so dptorch's per-sample gradients are exact. The layer's layout need not match
     ``make_private(batch_first=)``: it always feeds its layers batch first.
     """
 
@@ -82,6 +82,7 @@ class DPGRU(DPRNNBase):
 
     _TORCH_TYPE = nn.GRU
     _GATES = 3
+    _DEFERRED_RECURRENCE = False  # r * (W_hn h + b_hn): the product's gradient is not the gates'
 
     def __init__(
         self,

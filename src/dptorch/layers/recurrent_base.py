@@ -6,8 +6,12 @@ input or output gradient: dptorch can only reach it through the ``torch.func`` f
 
 * ``ih_l{k}``: an ``nn.Linear(d_in, G*H)`` applied once to the whole sequence (``W_ih``,
   ``b_ih``), batched over time;
-* ``hh_l{k}``: an ``nn.Linear(H, G*H)`` called once per step on ``h_{t-1}`` (``W_hh``,
-  ``b_hh``); dptorch's engine merges its ``T`` calls into one per-sample term;
+* ``hh_l{k}``: ``W_hh h_{t-1} + b_hh``, ``nn.Linear(H, G*H)`` parameters. In the LSTM and
+  the RNN it enters the gates additively, so it is a
+  :class:`~dptorch.layers.recurrent_linear.RecurrentLinear`: multiplied at every step, but
+  called as a module (and differentiated) once per sequence, on all the previous states. In
+  the GRU it is an ``nn.Linear`` called once per step, whose ``T`` calls dptorch's engine
+  merges into one per-sample term;
 * ``hr_l{k}`` (LSTM with ``proj_size`` only): ``nn.Linear(H, P, bias=False)`` per step,
 
 (``_reverse`` appended for the backward direction), and the gate arithmetic in between has no
@@ -29,6 +33,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from dptorch.errors import DPTypeError, DPValueError
 from dptorch.layers.recurrent_cells import Scan
 from dptorch.layers.recurrent_keys import TORCH_KEY, from_torch_keys, to_torch_keys
+from dptorch.layers.recurrent_linear import RecurrentLinear
+from dptorch.per_sample.grad_skipping import inside_functorch
 
 __all__ = ["DPRNNBase"]
 
@@ -47,13 +53,18 @@ class DPRNNBase(nn.Module):
     """What ``DPLSTM``, ``DPGRU`` and ``DPRNN`` share; see :class:`DPLSTM` for the arguments.
 
     Privacy: an example's outputs depend only on its own sequence (the recurrence runs along
-    time, never across the batch), and every parameter is used only through calls of its own
-    ``nn.Linear``, so dptorch's per-sample gradients, hence the clipping bound, are exact.
+    time, never across the batch), and every parameter gets gradient only through calls of
+    its own module (``W_hh``'s per-step products use a detached copy; its gradient flows
+    through the one call of :class:`~dptorch.layers.recurrent_linear.RecurrentLinear`), so
+    dptorch's per-sample gradients, hence the clipping bound, are exact.
     Dropout between layers is drawn once per forward, as in training without DP.
     """
 
     _TORCH_TYPE: ClassVar[type[nn.RNNBase]]
     _GATES: ClassVar[int]
+    # Whether W_hh h_{t-1} enters the gates additively, so its gradient can be taken once
+    # for the whole sequence (LSTM, RNN; not the GRU): see dptorch.layers.recurrent_linear.
+    _DEFERRED_RECURRENCE: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -101,7 +112,8 @@ class DPRNNBase(nn.Module):
             for suffix in ("", "_reverse")[: self.num_directions]:
                 key = f"l{layer}{suffix}"
                 self.add_module(f"ih_{key}", _SequenceLinear(layer_in, gates, bias, **factory))
-                self.add_module(f"hh_{key}", nn.Linear(out_size, gates, bias, **factory))
+                recurrent = RecurrentLinear if self._DEFERRED_RECURRENCE else nn.Linear
+                self.add_module(f"hh_{key}", recurrent(out_size, gates, bias, **factory))
                 if proj_size:
                     self.add_module(
                         f"hr_{key}", nn.Linear(hidden_size, proj_size, False, **factory)
@@ -191,13 +203,12 @@ class DPRNNBase(nn.Module):
         self, input: Tensor | PackedSequence, hx: tuple[Tensor, ...] | None
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, ...]]:
         """The whole stack; ``hx``/the result's states are ``(h,)`` or ``(h, c)``."""
-        valid: list[Tensor] | None = None
+        mask: Tensor | None = None  # [T, B, 1], False past the end of a padded sequence
         if isinstance(input, PackedSequence):
             x, lengths = pad_packed_sequence(input, batch_first=True)  # [B, T, d], input order
             if int(lengths.min()) < x.shape[1]:
                 positions = torch.arange(x.shape[1], device=lengths.device)
-                mask = (positions.unsqueeze(1) < lengths.unsqueeze(0)).to(x.device)  # [T, B]
-                valid = list(mask.unsqueeze(2).unbind(0))  # T x [B, 1]
+                mask = (positions.unsqueeze(1) < lengths.unsqueeze(0)).to(x.device).unsqueeze(2)
             unbatched, time_major = False, False
         else:
             if input.dim() not in (2, 3):
@@ -216,29 +227,20 @@ class DPRNNBase(nn.Module):
             )
         states = self._initial_states(x, hx, unbatched)
         finals: list[list[Tensor]] = [[] for _ in states]
-        scan = self._scan()
         layer_input = x  # [B, T, d] (a view when time_major)
-        steps_total = x.shape[1]
-        forward_order = range(steps_total)
-        reverse_order = range(steps_total - 1, -1, -1)
         for layer in range(self.num_layers):
             outputs: list[Tensor] = []
             for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
-                ih, hh, hr = self._cells[index]
-                projected = self._modules[ih](layer_input)  # type: ignore[misc]  # [B, T, G*H]
-                order = reverse_order if direction else forward_order
-                steps, final = scan(
-                    projected.unbind(1),
+                output, final = self._run_direction(
+                    index,
+                    layer_input,
                     tuple(s[index] for s in states),
-                    self._modules[hh],  # type: ignore[arg-type]
-                    self._modules[hr] if hr else None,
-                    order,
-                    valid,
+                    direction == 1,
+                    mask,
+                    time_major,
                 )
-                if direction:
-                    steps.reverse()
-                outputs.append(torch.stack(steps, dim=0 if time_major else 1))
+                outputs.append(output)
                 for kept, state in zip(finals, final, strict=True):
                     kept.append(state)
             layer_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
@@ -251,6 +253,59 @@ class DPRNNBase(nn.Module):
         if unbatched:
             return layer_output.squeeze(0), tuple(s.squeeze(1) for s in result)
         return layer_output, result
+
+    def _run_direction(
+        self,
+        index: int,
+        layer_input: Tensor,
+        initial: tuple[Tensor, ...],
+        reverse: bool,
+        mask: Tensor | None,
+        time_major: bool,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """One layer and direction: outputs ``[B, T, H]`` (``[T, B, H]`` if ``time_major``)
+        and final states."""
+        ih, hh, hr = self._cells[index]
+        projected = self._modules[ih](layer_input)  # type: ignore[misc]  # [B, T, G*H]
+        recurrent = self._modules[hh]
+        if not isinstance(recurrent, RecurrentLinear):  # the GRU: W_hh called every step
+            return self._scan_steps(projected, initial, recurrent, hr, reverse, mask, time_major)
+        if inside_functorch():
+            # A torch.func re-run (the fallback rule of an enclosing module): plain autograd
+            # operations only, which its transforms know how to batch.
+            def step(inputs: Tensor, state: Tensor) -> Tensor:
+                return inputs + F.linear(state, recurrent.weight, recurrent.bias)
+
+            return self._scan_steps(projected, initial, step, hr, reverse, mask, time_major)
+        # One call for the whole sequence; the states it multiplied are written into
+        # `previous` once the loop has made them (see dptorch.layers.recurrent_linear).
+        previous = projected.new_empty(*projected.shape[:2], initial[0].shape[-1])
+        gate_inputs = recurrent(previous, projected)  # + b_hh
+        output, final = self._scan_steps(
+            gate_inputs, initial, recurrent.add_product, hr, reverse, mask, time_major
+        )
+        _write_previous_states(previous, output, initial[0], time_major, reverse)
+        return output, final
+
+    def _scan_steps(
+        self,
+        gate_inputs: Tensor,
+        initial: tuple[Tensor, ...],
+        step: Any,
+        hr: str | None,
+        reverse: bool,
+        mask: Tensor | None,
+        time_major: bool,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The time loop (autograd through every step), its outputs stacked in time order."""
+        total = gate_inputs.shape[1]
+        order = range(total - 1, -1, -1) if reverse else range(total)
+        valid = None if mask is None else list(mask.unbind(0))  # T x [B, 1]
+        projection = self._modules[hr] if hr else None
+        steps, final = self._scan()(gate_inputs.unbind(1), initial, step, projection, order, valid)
+        if reverse:
+            steps.reverse()
+        return torch.stack(steps, dim=0 if time_major else 1), final
 
     def _initial_states(
         self, x: Tensor, hx: tuple[Tensor, ...] | None, unbatched: bool
@@ -272,6 +327,27 @@ class DPRNNBase(nn.Module):
                     "batch, hidden)."
                 )
         return states
+
+
+def _write_previous_states(
+    previous: Tensor, output: Tensor, initial: Tensor, time_major: bool, reverse: bool
+) -> None:
+    """Fill ``previous`` ``[B, T, H]`` with the state each step started from.
+
+    In time order, a forward direction's step ``t`` starts from the output of step ``t - 1``
+    and the first from ``initial``; a reverse direction's from the output of step ``t + 1``
+    and its first (the last in time) from ``initial``. Past the end of a padded sequence the
+    outputs repeat the carried state, so the same shift holds there (and those steps have zero
+    gradient anyway).
+    """
+    with torch.no_grad():
+        states = output.transpose(0, 1) if time_major else output  # [B, T, H]
+        if reverse:
+            previous[:, :-1].copy_(states[:, 1:])
+            previous[:, -1].copy_(initial)
+        else:
+            previous[:, 1:].copy_(states[:, :-1])
+            previous[:, 0].copy_(initial)
 
 
 def _repack(padded: Tensor, like: PackedSequence) -> PackedSequence:

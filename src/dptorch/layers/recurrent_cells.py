@@ -1,10 +1,16 @@
 """The time loops of ``DPLSTM``, ``DPGRU`` and ``DPRNN``: one direction of one layer.
 
 Each loop gets the input projection ``W_ih x_t + b_ih`` of every step, already computed for
-the whole sequence in one batched call, and calls the recurrent ``nn.Linear``
-(``W_hh h_{t-1} + b_hh``) once per step *as a module*, so dptorch's hooks see its input and
-output gradient at every step (the per-sample engine merges the steps into one term). All
-other work is parameter-free tensor arithmetic with PyTorch's gate layout and formulas.
+the whole sequence in one batched call, and a function for the recurrent product:
+
+* LSTM and RNN: ``add_recurrent(inputs_t, h) = inputs_t + W_hh h`` (``b_hh`` is already in
+  the inputs), the per-step product of a :class:`~dptorch.layers.recurrent_linear.RecurrentLinear`
+  whose gradient is taken once for the whole sequence;
+* GRU: ``hidden(h) = W_hh h + b_hh``, the recurrent ``nn.Linear`` called once per step *as a
+  module*, so dptorch's hooks see its input and output gradient at every step (the per-sample
+  engine merges the steps into one term).
+
+All other work is parameter-free tensor arithmetic with PyTorch's gate layout and formulas.
 
 Sequences of different lengths (a ``PackedSequence`` padded to ``[B, T, ...]``) are handled by
 masking: at a step past the end of example ``i``'s sequence, its state is carried over
@@ -20,13 +26,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-# (step inputs, initial state, recurrent Linear, LSTM output projection or None, step order,
-#  per-step validity masks or None) -> (outputs in step order, final state)
+# (step inputs, initial state, recurrent product (see the module docstring), LSTM output
+#  projection or None, step order, per-step validity masks or None)
+#  -> (outputs in step order, final state)
 Scan = Callable[
     [
         Sequence[Tensor],
         tuple[Tensor, ...],
-        nn.Module,
+        Callable[..., Tensor],
         "nn.Module | None",
         Sequence[int],
         "Sequence[Tensor] | None",
@@ -38,7 +45,7 @@ Scan = Callable[
 def lstm_scan(
     inputs: Sequence[Tensor],
     state: tuple[Tensor, ...],
-    hidden: nn.Module,
+    add_recurrent: Callable[[Tensor, Tensor], Tensor],
     projection: nn.Module | None,
     order: Sequence[int],
     valid: Sequence[Tensor] | None,
@@ -53,7 +60,7 @@ def lstm_scan(
     for t in order:
         # chunk, not four slices: its backward writes the four gate gradients into one
         # [B, 4H] buffer instead of zero-filling and adding four.
-        i, f, g, o = (inputs[t] + hidden(h)).chunk(4, dim=1)  # each [B, H]
+        i, f, g, o = add_recurrent(inputs[t], h).chunk(4, dim=1)  # each [B, H]
         c_new = torch.addcmul(f.sigmoid() * c, i.sigmoid(), g.tanh())
         h_new = o.sigmoid() * c_new.tanh()
         if projection is not None:
@@ -69,7 +76,7 @@ def lstm_scan(
 def gru_scan(
     inputs: Sequence[Tensor],
     state: tuple[Tensor, ...],
-    hidden: nn.Module,
+    hidden: Callable[[Tensor], Tensor],
     projection: nn.Module | None,
     order: Sequence[int],
     valid: Sequence[Tensor] | None,
@@ -95,7 +102,7 @@ def _simple_scan(activation: Callable[[Tensor], Tensor]) -> Scan:
     def scan(
         inputs: Sequence[Tensor],
         state: tuple[Tensor, ...],
-        hidden: nn.Module,
+        add_recurrent: Callable[[Tensor, Tensor], Tensor],
         projection: nn.Module | None,
         order: Sequence[int],
         valid: Sequence[Tensor] | None,
@@ -103,7 +110,7 @@ def _simple_scan(activation: Callable[[Tensor], Tensor]) -> Scan:
         (h,) = state  # [B, H]
         outputs: list[Tensor] = []
         for t in order:
-            h_new = activation(inputs[t] + hidden(h))
+            h_new = activation(add_recurrent(inputs[t], h))
             h = h_new if valid is None else torch.where(valid[t], h_new, h)
             outputs.append(h)
         return outputs, (h,)

@@ -19,6 +19,7 @@ from dptorch.errors import DPValueError, TrainingLoopError
 from dptorch.per_sample.capture import ActivationCapture, CallRecord
 from dptorch.per_sample.grad_skipping import ParameterGradSkipper
 from dptorch.per_sample.grouping import check_group_size, group_rows
+from dptorch.per_sample.row_grams import RowGrams
 from dptorch.per_sample.rules import (
     SUBTREE_OWNERS,
     RuleContext,
@@ -208,10 +209,12 @@ class PerSampleEngine:
             by_param = {p: [group_rows(t, multiplicity) for t in ts] for p, ts in by_param.items()}
         device = self._ordered[0].device if self._ordered else torch.device("cpu")
         dtype = torch.float64 if self._any_double() else torch.float32
+        grams = RowGrams()  # layers sharing an output gradient share its Gram
         param_norm_sq = {
-            param: combined_norm_sq(terms, self.norm_route).to(dtype)
+            param: combined_norm_sq(terms, self.norm_route, grams=grams).to(dtype)
             for param, terms in by_param.items()
         }
+        del grams
         norm_sq = torch.zeros(batch, dtype=dtype, device=device)
         for value in param_norm_sq.values():
             norm_sq = norm_sq + value

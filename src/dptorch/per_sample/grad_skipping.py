@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from dptorch.per_sample.capture import HOOK_MARK
 
 
-def _inside_functorch() -> bool:
+def inside_functorch() -> bool:
     """Whether a torch.func transform (vmap, grad) is running the current forward."""
     return torch._C._functorch.peek_interpreter_stack() is not None
 
@@ -64,7 +64,7 @@ class ParameterGradSkipper:
 
     def _make_pre_hook(self, names: list[str]) -> Any:
         def swap(module: nn.Module, args: Any) -> None:
-            if not torch.is_grad_enabled() or _inside_functorch():
+            if not torch.is_grad_enabled() or inside_functorch():
                 # A torch.func re-run (the fallback rule of an enclosing module) owns the
                 # parameters for its duration; leave them, and its output, alone.
                 self._saved.setdefault(module, []).append([])

@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from dptorch.per_sample.row_grams import RowGrams
+
 NormRoute = Literal["auto", "ghost", "instantiate"]
 
 
@@ -82,7 +84,7 @@ class DenseTerm:
     def instantiate(self) -> Tensor:
         return self.grad_sample
 
-    def norm_sq(self, route: NormRoute = "auto") -> Tensor:
+    def norm_sq(self, route: NormRoute = "auto", grams: RowGrams | None = None) -> Tensor:
         flat = self.grad_sample.reshape(self.batch_size, self.param.numel())  # 0-dim params too
         return rowwise_sq_norm(flat)
 
@@ -189,10 +191,10 @@ class OuterTerm:
         grads = torch.matmul(self.rows.transpose(2, 3), self.cols)  # [B, g, R, C]
         return grads.reshape(self.batch_size, *self.param.shape)
 
-    def norm_sq(self, route: NormRoute = "auto") -> Tensor:
+    def norm_sq(self, route: NormRoute = "auto", grams: RowGrams | None = None) -> Tensor:
         chosen = self.cheaper_route() if route == "auto" else route
         if chosen == "ghost":
-            return self.inner(self)
+            return self.inner(self, grams)
         if isinstance(self.rows, IndexRows):
             return self._sparse_rows_norm_sq()
         self._instantiated = self.instantiate()
@@ -215,8 +217,12 @@ class OuterTerm:
         out = torch.zeros(b, dtype=cols.dtype, device=cols.device)
         return out.index_add_(0, unique // self.rows.size, (sums * sums).sum(dim=1))
 
-    def inner(self, other: OuterTerm) -> Tensor:
-        """Per-example ``<g_i, g'_i>`` by ghost inner products, never instantiating ``g_i``."""
+    def inner(self, other: OuterTerm, grams: RowGrams | None = None) -> Tensor:
+        """Per-example ``<g_i, g'_i>`` by ghost inner products, never instantiating ``g_i``.
+
+        ``grams`` shares a term's own row Gram with other terms of the step that have the
+        same rows (see :mod:`dptorch.per_sample.row_grams`).
+        """
         if self.positions == other.positions == 1 and not (
             isinstance(self.rows, IndexRows) or isinstance(other.rows, IndexRows)
         ):
@@ -228,7 +234,11 @@ class OuterTerm:
                 rows_dot = rowwise_dot(self.rows.flatten(2), other.rows.flatten(2))
                 cols_dot = rowwise_dot(self.cols.flatten(2), other.cols.flatten(2))
             return (rows_dot * cols_dot).sum(dim=1)
-        rows = _row_gram(self.rows, other.rows, self.cols.dtype)
+        if grams is not None and other is self and isinstance(self.rows, Tensor):
+            own = self.rows
+            rows = grams.self_gram(own, lambda: _row_gram(own, own, self.cols.dtype))
+        else:
+            rows = _row_gram(self.rows, other.rows, self.cols.dtype)
         cols = torch.matmul(self.cols, other.cols.transpose(2, 3))
         return (rows * cols).flatten(1).sum(dim=1)
 
@@ -310,19 +320,21 @@ def _concat_positions(group: list[OuterTerm]) -> OuterTerm:
     return OuterTerm(first.param, torch.cat(dense, dim=2), cols)
 
 
-def combined_norm_sq(terms: list[GradTerm], route: NormRoute = "auto") -> Tensor:
+def combined_norm_sq(
+    terms: list[GradTerm], route: NormRoute = "auto", grams: RowGrams | None = None
+) -> Tensor:
     """Per-example squared norm of the SUM of several terms of one parameter."""
     if len(terms) == 1:
-        return terms[0].norm_sq(route)
+        return terms[0].norm_sq(route, grams)
     outer = [t for t in terms if isinstance(t, OuterTerm)]
     all_outer = len(outer) == len(terms) and len({t.cols.shape[1] for t in outer}) == 1
     any_index = any(isinstance(t.rows, IndexRows) for t in outer)
     if all_outer and (route == "ghost" or any_index or (route == "auto" and _ghost_wins(outer))):
         # ||sum_k g^k||^2 = sum_k ||g^k||^2 + 2 sum_{k<l} <g^k, g^l>
-        total = outer[0].inner(outer[0])
+        total = outer[0].inner(outer[0], grams)
         for i, a in enumerate(outer):
             if i > 0:
-                total = total + a.inner(a)
+                total = total + a.inner(a, grams)
             for b in outer[i + 1 :]:
                 total = total + 2 * a.inner(b)
         return total

@@ -43,6 +43,7 @@ _RULES_BY_NAME: dict[str, Rule] = {
     "transformers.pytorch_utils.Conv1D": hf_conv1d_rule,
     "dptorch.layers.attention.AppendedPosition": appended_position_rule,
     "dptorch.layers.recurrent_base._SequenceLinear": batch_first_linear_rule,
+    "dptorch.layers.recurrent_linear.RecurrentLinear": batch_first_linear_rule,
 }
 _custom_rules: dict[type[nn.Module], Rule] = {}
 

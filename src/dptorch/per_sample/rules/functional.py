@@ -77,7 +77,11 @@ def functional_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> 
         randomness="different",
     )
     try:
-        with ctx.capture.paused():
+        # no_grad: torch.func's grad still differentiates inside, but nothing outside records
+        # the re-run. Without it, a module whose children own trainable parameters (a
+        # recurrent layer inside it) returned per-sample gradients that were themselves
+        # differentiable functions of those parameters.
+        with ctx.capture.paused(), torch.no_grad():
             results = per_sample(params, leaves, [g for _, g in grads])
     except Exception as error:  # torch.func raises many types; re-raise with the module path
         raise DPValueError(

@@ -1,0 +1,44 @@
+"""Row Grams shared between the parameters of one step.
+
+Layers that share an output gradient also share the row factor of their ghost norms: the
+input projection and the recurrent weight of a ``DPLSTM`` both have the gate gradient
+``[B, T, 4H]`` as rows, and ``<g_t, g_s>`` over all step pairs, ``B T^2 4H`` multiply-adds,
+is the largest part of their norms. :class:`RowGrams` computes such a Gram once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+_Key = tuple[int, tuple[int, ...], tuple[int, ...], str, str]
+
+
+class RowGrams:
+    """The Grams ``rows @ rows^T`` computed in one step, keyed by the memory of ``rows``.
+
+    Two views with the same storage offset, shape and strides are the same factor. The
+    entry keeps its ``rows`` alive, so its memory cannot be reused by another tensor while
+    the cache exists, and an in-place change of the rows since (a new version) is a miss.
+    Make one per step: nothing is ever evicted.
+    """
+
+    def __init__(self) -> None:
+        self._grams: dict[_Key, tuple[Tensor, int, Tensor]] = {}
+
+    def self_gram(self, rows: Tensor, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()``, or its result from an earlier call on the same rows."""
+        key = (
+            rows.data_ptr(),
+            tuple(rows.shape),
+            tuple(rows.stride()),
+            str(rows.dtype),
+            str(rows.device),
+        )
+        hit = self._grams.get(key)
+        if hit is not None and hit[1] == rows._version:
+            return hit[2]
+        gram = compute()
+        self._grams[key] = (rows, rows._version, gram)
+        return gram

@@ -1,0 +1,36 @@
+"""RowGrams: a row Gram shared by terms with the same rows, and only by those."""
+
+from __future__ import annotations
+
+import torch
+
+from dptorch.per_sample.row_grams import RowGrams
+
+
+def _counting(grams: RowGrams, rows: torch.Tensor, calls: list[int]) -> torch.Tensor:
+    def compute() -> torch.Tensor:
+        calls.append(1)
+        return rows @ rows.transpose(-1, -2)
+
+    return grams.self_gram(rows, compute)
+
+
+def test_views_of_the_same_rows_share_one_gram() -> None:
+    grads = torch.randn(3, 5, 8)
+    grams, calls = RowGrams(), []
+    first = _counting(grams, grads.reshape(3, 1, 5, 8), calls)
+    second = _counting(grams, grads.reshape(3, 1, 5, 8), calls)  # another view object
+    assert len(calls) == 1 and second is first
+
+
+def test_other_rows_and_changed_rows_are_computed_again() -> None:
+    grads = torch.randn(3, 5, 8)
+    grams, calls = RowGrams(), []
+    _counting(grams, grads.reshape(3, 1, 5, 8), calls)
+    _counting(grams, grads[:, :4].reshape(3, 1, 4, 8), calls)  # same start, other shape
+    _counting(grams, grads.clone().reshape(3, 1, 5, 8), calls)  # equal values, other memory
+    grads.mul_(2.0)  # in place: a new version of the same memory
+    changed = _counting(grams, grads.reshape(3, 1, 5, 8), calls)
+    assert len(calls) == 4
+    rows = grads.reshape(3, 1, 5, 8)
+    torch.testing.assert_close(changed, rows @ rows.transpose(-1, -2))
