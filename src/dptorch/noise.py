@@ -146,18 +146,18 @@ def secure_grid(std: float, generator: torch.Generator | SecureRandom | None) ->
 
 
 def snap_to_grid(released_units: Tensor, grid: float, dtype: torch.dtype) -> Tensor:
-    """``grid * round(released_units)`` in ``dtype``; ``released_units`` is rounded in place.
+    """``grid * round(released_units)`` in ``dtype``; ``released_units`` is overwritten.
 
     The secure release computed in grid units (noise of std ``std / grid`` plus the sum
     divided by ``grid``, in float64), rounded to integers and scaled back: the same values
-    as :func:`round_to_noise_grid_` on the release in ordinary units, in two passes instead
-    of four. Multiplying by a power of two is exact; the cast to ``dtype`` is post-processing
-    of a grid value, so it cannot reintroduce the side channel.
+    as :func:`round_to_noise_grid_` on the release in ordinary units, in fewer passes.
+    Multiplying by a power of two is exact; the cast to ``dtype`` is post-processing of a
+    grid value, so it cannot reintroduce the side channel. (Scaled in float64 and then cast:
+    a multiplication that reads float64 and writes float32 runs on torch's slower
+    mixed-dtype path, 0.54 against 0.13 + 0.19 ms for 670k values on 2 threads.)
     """
-    released_units.round_()
-    if released_units.dtype == dtype:
-        return released_units.mul_(grid)
-    return torch.mul(released_units, grid, out=torch.empty_like(released_units, dtype=dtype))
+    scaled = released_units.round_().mul_(grid)
+    return scaled if scaled.dtype == dtype else scaled.to(dtype)
 
 
 def _secure_noise(
