@@ -10,6 +10,7 @@ to ``benchmarks/results/fashion_mnist_sweep.jsonl``.
     .venv/bin/python benchmarks/fashion_mnist_sweep.py --epochs 60 --batch 4096 --lr 4
     .venv/bin/python benchmarks/fashion_mnist_sweep.py --epochs 40 --lr 4 --augmentations 4
     .venv/bin/python benchmarks/fashion_mnist_sweep.py --dataset mnist --epochs 40 --lr 4
+    .venv/bin/python benchmarks/fashion_mnist_sweep.py --dataset mnist --model scatter-linear
 
 ``--dataset mnist`` sweeps on the full MNIST (``make mnist``) the same way, into the same file
 (each line records its dataset).
@@ -56,6 +57,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     train_full, _ = recipe.load_dataset(args.dataset)  # the test split is not used
+    train_full = recipe.model_inputs(args.model, train_full)  # scattering features, if any
     n = len(train_full)
     train, validation = Subset(train_full, range(n - 5000)), Subset(train_full, range(n - 5000, n))
     model = recipe.MODELS[args.model]()

@@ -9,6 +9,8 @@ epsilon, one dot per run, the non-private mean as a line), where DATASET is
 
     .venv/bin/python benchmarks/recipe_table.py                      # Fashion-MNIST
     .venv/bin/python benchmarks/recipe_table.py --dataset mnist      # MNIST
+    .venv/bin/python benchmarks/recipe_table.py --dataset mnist \
+        --input benchmarks/results/mnist_scatter.jsonl --stem mnist_scatter
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ def table(groups: dict[float, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def models(groups: dict[float, list[dict[str, Any]]]) -> str:
+    """The ``--model`` names of the runs (older runs without one used the tanh CNN)."""
+    names = {r["settings"].get("model", "tanh-cnn") for runs in groups.values() for r in runs}
+    return ", ".join(sorted(names))
+
+
 def plot(groups: dict[float, list[dict[str, Any]]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -84,7 +92,7 @@ def plot(groups: dict[float, list[dict[str, Any]]], path: Path, title: str) -> N
     axes.minorticks_off()
     axes.set_xlabel("epsilon (delta = 1e-5, PRV accountant)")
     axes.set_ylabel("test accuracy")
-    axes.set_title(f"{title}, end-to-end CNN")
+    axes.set_title(f"{title}, {models(groups)}")
     axes.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -94,14 +102,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--dataset", choices=sorted(TITLES), default="fashion-mnist")
     parser.add_argument("--input", type=Path, default=None, help="default: DATASET_recipe.jsonl")
+    parser.add_argument("--stem", default=None, help="output file stem (default: DATASET)")
     args = parser.parse_args()
-    stem = args.dataset.replace("-", "_")
-    source = args.input or RESULTS / f"{stem}_recipe.jsonl"
+    dataset_stem = args.dataset.replace("-", "_")
+    source = args.input or RESULTS / f"{dataset_stem}_recipe.jsonl"
+    stem = args.stem or dataset_stem
     groups = group(load(source, args.dataset))
     markdown = table(groups)
     (RESULTS / f"{stem}.md").write_text(
-        f"{TITLES[args.dataset]}, `examples/fashion_mnist_recipe.py` (raw runs: "
-        f"`{source.name}`), delta 1e-5, test set scored once per run.\n\n" + markdown
+        f"{TITLES[args.dataset]}, `examples/fashion_mnist_recipe.py --model "
+        f"{models(groups)}` (raw runs: `{source.name}`), delta 1e-5, test set scored once "
+        "per run.\n\n" + markdown
     )
     plot(groups, RESULTS / f"{stem}_privacy_utility.png", TITLES[args.dataset])
     print(markdown)

@@ -76,6 +76,7 @@ def _fake_fashion_mnist() -> tuple[TensorDataset, TensorDataset]:
         ],
         ["--non-private"],
         ["--dataset", "mnist"],
+        ["--dataset", "mnist", "--model", "scatter-linear"],  # on scattering features
     ],
 )
 def test_fashion_mnist_recipe_runs(monkeypatch: pytest.MonkeyPatch, extra: list[str]) -> None:
