@@ -47,20 +47,23 @@ def group(runs: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
 def table(groups: dict[float, list[dict[str, Any]]]) -> str:
     lines = [
         "| target epsilon | test accuracy, mean | spread (min-max) | seeds | epsilon spent "
-        "| epochs | wall time per run |",
-        "|---|---|---|---|---|---|---|",
+        "| epochs | wall time per run | + features |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for target, runs in groups.items():
         accuracies = [r["test_accuracy"] for r in runs]
         spent = max(r["epsilon"] for r in runs)
         epochs = sorted({r["settings"]["epochs"] for r in runs})
         minutes = statistics.mean(r["wall_s"] for r in runs) / 60
+        # Feature extraction (scatter-* models), before training: part of a run's cost.
+        feature_times = [r["features_s"] for r in runs if r.get("features_s")]
+        features = f"{statistics.mean(feature_times) / 60:.1f} min" if feature_times else "-"
         lines.append(
             f"| {'non-private' if math.isinf(target) else f'{target:g}'} "
             f"| {statistics.mean(accuracies):.4f} "
             f"| {min(accuracies):.4f}-{max(accuracies):.4f} | {len(runs)} "
             f"| {'-' if math.isinf(spent) else f'{spent:.3f}'} "
-            f"| {', '.join(map(str, epochs))} | {minutes:.1f} min |"
+            f"| {', '.join(map(str, epochs))} | {minutes:.1f} min | {features} |"
         )
     return "\n".join(lines) + "\n"
 
