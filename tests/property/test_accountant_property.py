@@ -139,3 +139,18 @@ def test_damaged_histories_are_refused_or_valid(history: object) -> None:
     assume(accountant.history)
     eps = accountant.get_epsilon(1e-5)
     assert not math.isnan(eps) and eps >= 0  # inf only for a step with sigma = 0
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv", "gdp"])
+@pytest.mark.parametrize("sigma", [5e-324, 8.819375589417794e-292, 1.7976931348623157e308])
+def test_noise_multipliers_whose_square_under_or_overflows_are_refused(
+    mechanism: str, sigma: float
+) -> None:
+    # Found by hypothesis in test_damaged_histories_are_refused_or_valid: such a sigma in a
+    # loaded history made get_epsilon raise ZeroDivisionError or OverflowError.
+    accountant = create_accountant(mechanism)
+    with pytest.raises(DPError, match="noise_multiplier"):
+        accountant.step(noise_multiplier=sigma, sample_rate=0.5)
+    with pytest.raises(DPError, match="noise_multiplier"):
+        accountant.load_state_dict({"mechanism": mechanism, "history": [(sigma, 0.5, 1)]})
+    assert accountant.history == []

@@ -28,10 +28,21 @@ def as_float(name: str, value: object) -> float:
     )
 
 
+# Outside these a noise multiplier's square under- or overflows float64 somewhere in the
+# accountants' arithmetic (found by hypothesis: 1e-292 and 1.8e308 crashed get_epsilon).
+_SMALLEST_NOISE, _LARGEST_NOISE = 1e-150, 1e150
+
+
 def noise_multiplier_problem(value: float) -> str | None:
     """Says what is wrong with a noise multiplier, or returns None if it is usable."""
-    if math.isfinite(value) and value >= 0:
+    if value == 0 or _SMALLEST_NOISE <= value <= _LARGEST_NOISE:
         return None
+    if math.isfinite(value) and value > 0:
+        return (
+            f"noise_multiplier={value!r} is outside [{_SMALLEST_NOISE:g}, {_LARGEST_NOISE:g}] "
+            "(or 0): its square under- or overflows in the accounting, and no real run uses "
+            "one (typical values are 0.3 to 20); check how it was computed."
+        )
     return (
         f"noise_multiplier={value!r} must be a finite number >= 0: it is the ratio of the "
         "Gaussian noise standard deviation to the clipping norm (0 records a non-private "
