@@ -319,6 +319,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="a tiny slice, for tests")
     parser.add_argument("--output", type=Path, default=None, help="append the result (JSON)")
     args = parser.parse_args(argv)
+    if args.model in ON_SCATTERING and args.augmentations > 1:
+        parser.error(
+            f"--augmentations {args.augmentations} shifts and flips 28x28 images, but "
+            f"--model {args.model} reads precomputed scattering features; use 1 with it."
+        )
     if args.smoke:
         args.epochs, args.batch_size, args.physical_batch, args.eval_every = 1, 256, 128, 1
     return args

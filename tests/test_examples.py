@@ -93,3 +93,9 @@ def test_fashion_mnist_recipe_runs(monkeypatch: pytest.MonkeyPatch, extra: list[
     else:
         # Calibrated to the target for exactly the planned steps, and never above it.
         assert 2.5 < result["epsilon"] <= 3.0 + 1e-6
+
+
+def test_fashion_mnist_recipe_refuses_augmentations_on_scattering_features() -> None:
+    recipe = _load("fashion_mnist_recipe")
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--model", "scatter-linear", "--augmentations", "2"])

@@ -142,20 +142,16 @@ def rdp_to_epsilon(
 # training cost only the history entries added since the last call.
 @functools.lru_cache(maxsize=1 << 16)
 def _rdp_one_step(q: float, sigma: float, alpha: float) -> float:
-    """RDP of one step at one order; arguments already validated."""
-    # sigma * sigma, not sigma**2: for floats the power raises OverflowError where the
-    # product gives inf (a history entry of sigma = 1e308 must not crash get_epsilon).
-    variance = sigma * sigma
-    if variance == 0:
-        return math.inf  # sigma = 0, or so small that its square underflows: no privacy
-    if math.isinf(variance):
-        return 0.0  # the true value, below alpha / 2e308, is not representable
+    """RDP of one step at one order; arguments already validated (a nonzero sigma lies in
+    [1e-150, 1e150], so its square neither under- nor overflows)."""
+    if sigma == 0:
+        return math.inf
     if q == 1:
         # No subsampling: the Gaussian mechanism itself, alpha / (2 sigma^2).
-        return alpha / (2 * variance)
-    half_inv_var = 0.5 / variance
+        return alpha / (2 * sigma**2)
+    half_inv_var = 0.5 / sigma**2
     if not math.isfinite(half_inv_var):
-        return math.inf  # sigma^2 subnormal: 1 / (2 sigma^2) overflows, no meaningful privacy
+        return math.inf  # sigma so small that sigma^2 underflows: no meaningful privacy
     if alpha.is_integer():
         log_a = _log_a_integer(q, half_inv_var, int(alpha))
     else:
