@@ -138,3 +138,49 @@ def test_cli_reports_bad_input_clearly(capsys: pytest.CaptureFixture[str]) -> No
         == 2
     )
     assert "sample_rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_budget_already_recorded_is_counted_in_the_calibration(accountant: str) -> None:
+    # Regression: the noise used to be calibrated for the planned steps alone, so an engine
+    # that had already recorded releases (a loaded checkpoint, a private statistic of the
+    # data) ended the planned run above target_epsilon.
+    model, optimizer, loader = _setup()
+    engine = PrivacyEngine(accountant=accountant)
+    for _ in range(30):
+        engine.accountant.step(noise_multiplier=2.0, sample_rate=0.1)
+    engine.accountant.step(noise_multiplier=8.0, sample_rate=1.0)  # one full-data release
+    already = engine.get_epsilon(1e-3)
+    assert 0.5 < already < 2.0
+    model, optimizer, loader = engine.make_private_with_epsilon(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        target_epsilon=3.0,
+        target_delta=1e-3,
+        epochs=3,
+        max_grad_norm=1.0,
+    )
+    for _ in range(3):
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    assert 3.0 - 0.011 <= engine.get_epsilon(1e-3) <= 3.0
+
+
+def test_a_budget_already_spent_is_refused_with_what_it_spent() -> None:
+    model, optimizer, loader = _setup()
+    engine = PrivacyEngine(accountant="rdp")
+    engine.accountant.step(noise_multiplier=0.3, sample_rate=1.0)
+    with pytest.raises(DPValueError, match=r"already recorded.*spend epsilon=.*target_epsilon"):
+        engine.make_private_with_epsilon(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            target_epsilon=2.0,
+            target_delta=1e-3,
+            epochs=1,
+            max_grad_norm=1.0,
+        )
+    assert len(engine.accountant) == 1  # nothing recorded, nothing made private

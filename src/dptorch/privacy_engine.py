@@ -245,7 +245,11 @@ class PrivacyEngine:
         ``steps``). Other keyword arguments go to :meth:`make_private`.
 
         Privacy: after the planned number of steps, :meth:`get_epsilon` at ``target_delta``
-        is at most ``target_epsilon``. Training longer spends more; set a budget to stop there.
+        is at most ``target_epsilon``, counting what this engine's accountant had already
+        recorded (a loaded checkpoint, a private statistic such as
+        :func:`dptorch.features.private_channel_norm`): the noise is calibrated for that
+        history plus the planned steps. Training longer spends more; set a budget to stop
+        there.
         """
         if (epochs is None) == (steps is None):
             raise DPValueError(
@@ -265,6 +269,7 @@ class PrivacyEngine:
             steps=total_steps,
             accountant=self.accountant.mechanism(),
             epsilon_tolerance=epsilon_tolerance,
+            prior_history=self.accountant.history,
         )
         return self.make_private(
             module=module,

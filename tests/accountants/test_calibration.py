@@ -230,3 +230,37 @@ def test_bracket_walks_down_to_small_sigmas() -> None:
     sigma = get_noise_multiplier(**kwargs, steps=3, accountant="rdp")
     assert sigma < 0.5
     assert 20.0 - 0.01 <= _epsilon("rdp", sigma, 0.5, 3) <= 20.0
+
+
+@pytest.mark.parametrize("name", ["rdp", "prv"])
+def test_prior_history_is_composed_with_the_planned_steps(name: str) -> None:
+    prior = [(8.0, 1.0, 1), (1.2, 0.01, 300)]
+    sigma = get_noise_multiplier(
+        target_epsilon=3.0,
+        target_delta=DELTA,
+        sample_rate=0.02,
+        steps=500,
+        accountant=name,
+        prior_history=prior,
+    )
+    alone = get_noise_multiplier(
+        target_epsilon=3.0, target_delta=DELTA, sample_rate=0.02, steps=500, accountant=name
+    )
+    assert sigma > alone  # the prior spend leaves less for the planned steps
+    accountant = create_accountant(name)
+    accountant.load_state_dict(
+        {"mechanism": accountant.mechanism(), "history": [*prior, (sigma, 0.02, 500)]}
+    )
+    assert 3.0 - 0.011 <= accountant.get_epsilon(DELTA) <= 3.0
+
+
+def test_invalid_prior_history_is_refused_naming_the_entry() -> None:
+    with pytest.raises(DPValueError, match=r"history'\]\[1\]"):
+        get_noise_multiplier(
+            target_epsilon=3.0,
+            target_delta=DELTA,
+            sample_rate=0.02,
+            steps=10,
+            accountant="rdp",
+            prior_history=[(1.0, 0.5, 2), (1.0, 1.5, 2)],
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Sequence
 
 from dptorch.accountants._validation import (
     as_float,
@@ -16,6 +17,7 @@ from dptorch.accountants._validation import (
     raise_problems,
     sample_rate_problem,
 )
+from dptorch.accountants.base import Accountant
 from dptorch.accountants.registry import create_accountant
 from dptorch.errors import DPTypeError, DPValueError, DPWarning
 
@@ -48,6 +50,7 @@ def get_noise_multiplier(
     epsilon_tolerance: float = 0.01,
     sigma_min: float = 0.05,
     sigma_max: float = 1e4,
+    prior_history: Sequence[tuple[float, float, int]] = (),
 ) -> float:
     """Smallest noise multiplier whose epsilon, after the given steps, is at most a target.
 
@@ -67,19 +70,24 @@ def get_noise_multiplier(
         epsilon_tolerance: how far below the target the returned epsilon may be, > 0.
         sigma_min: smallest sigma searched; returned as is if it already meets the target.
         sigma_max: largest sigma searched before giving up.
+        prior_history: releases already spent on the same data, as ``(noise_multiplier,
+            sample_rate, steps)`` entries (an accountant's ``history``): the returned sigma
+            keeps epsilon of them AND the planned steps together at most the target.
 
     Returns:
         The noise multiplier sigma.
 
     Privacy:
         Training ``steps`` Poisson-subsampled Gaussian steps with the returned sigma and
-        rate ``sample_rate`` is (target_epsilon, target_delta)-DP as measured by
-        ``accountant``: the returned sigma was itself checked, never interpolated.
+        rate ``sample_rate``, after the releases in ``prior_history``, is (target_epsilon,
+        target_delta)-DP as measured by ``accountant``: the returned sigma was itself
+        checked, never interpolated.
 
     Raises:
         DPValueError: an argument is out of range (all are reported together), both or
             neither of ``epochs`` and ``steps`` were given, or even ``sigma_max`` cannot
-            meet the target.
+            meet the target (or ``prior_history`` alone already spends it), or an entry of
+            ``prior_history`` is invalid.
         DPTypeError: a numeric argument is not a real number.
     """
     eps_target = as_float("target_epsilon", target_epsilon)
@@ -110,12 +118,13 @@ def get_noise_multiplier(
     assert num_steps is not None  # _resolve_steps reports a problem otherwise
 
     analysis = create_accountant(accountant)
+    prior = _checked_prior(analysis, prior_history, delta, eps_target)
     refusals: list[str] = []
 
     def epsilon_at(sigma: float) -> float:
         # One run-length entry instead of num_steps calls to step(): same history, O(1).
         analysis.load_state_dict(
-            {"mechanism": analysis.mechanism(), "history": [(sigma, q, num_steps)]}
+            {"mechanism": analysis.mechanism(), "history": [*prior, (sigma, q, num_steps)]}
         )
         try:
             return analysis.get_epsilon(delta)
@@ -183,6 +192,30 @@ def get_noise_multiplier(
             weight_high = 0.5 * weight_high if kept == "high" else 1.0
             kept = "high"
     return high
+
+
+def _checked_prior(
+    analysis: Accountant,
+    prior_history: Sequence[tuple[float, float, int]],
+    delta: float,
+    target_epsilon: float,
+) -> list[tuple[float, float, int]]:
+    """``prior_history`` as a list, validated by the accountant; refused if it alone already
+    spends ``target_epsilon`` (no noise could then keep the total within it)."""
+    prior = [tuple(entry) for entry in prior_history]
+    if not prior:
+        return []
+    analysis.load_state_dict({"mechanism": analysis.mechanism(), "history": prior})
+    spent = analysis.get_epsilon(delta)
+    if not spent < target_epsilon:
+        raise DPValueError(
+            f"The releases already recorded (prior_history: for "
+            f"PrivacyEngine.make_private_with_epsilon, the engine's accountant history, "
+            f"{len(prior)} entries) spend epsilon={spent!r} at delta={delta!r}, at least "
+            f"target_epsilon={target_epsilon!r}: no noise multiplier keeps the total within "
+            "the target. Raise target_epsilon, or train on data this budget was not spent on."
+        )
+    return prior  # type: ignore[return-value]
 
 
 def _resolve_steps(
