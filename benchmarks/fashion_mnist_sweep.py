@@ -11,6 +11,8 @@ to ``benchmarks/results/fashion_mnist_sweep.jsonl``.
     .venv/bin/python benchmarks/fashion_mnist_sweep.py --epochs 40 --lr 4 --augmentations 4
     .venv/bin/python benchmarks/fashion_mnist_sweep.py --dataset mnist --epochs 40 --lr 4
     .venv/bin/python benchmarks/fashion_mnist_sweep.py --dataset mnist --model scatter-linear
+    .venv/bin/python benchmarks/fashion_mnist_sweep.py --dataset mnist --model scatter-linear \
+        --feature-norm private
 
 ``--dataset mnist`` sweeps on the full MNIST (``make mnist``) the same way, into the same file
 (each line records its dataset).
@@ -53,6 +55,8 @@ def main() -> None:
     parser.add_argument(
         "--augmentations", type=int, default=1, help="augmentation multiplicity K (shift/flip)"
     )
+    parser.add_argument("--feature-norm", choices=["group", "private"], default="group")
+    parser.add_argument("--norm-noise", type=float, default=8.0)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -65,8 +69,10 @@ def main() -> None:
     if args.augmentations > 1:  # K views per example, averaged before clipping
         train = AugmentationMultiplicity(train, recipe.augment, args.augmentations)
         collate = flatten_views
-    sgd = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     engine = PrivacyEngine()
+    if args.feature_norm == "private":  # accounted: recorded on the engine's accountant
+        model = recipe.with_private_feature_norm(model, train, engine.accountant, args.norm_noise)
+    sgd = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     model, optimizer, loader = engine.make_private_with_epsilon(
         module=model,
         optimizer=sgd,

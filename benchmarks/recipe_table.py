@@ -47,8 +47,8 @@ def group(runs: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
 def table(groups: dict[float, list[dict[str, Any]]]) -> str:
     lines = [
         "| target epsilon | test accuracy, mean | spread (min-max) | seeds | epsilon spent "
-        "| epochs | wall time per run | + features |",
-        "|---|---|---|---|---|---|---|---|",
+        "| epochs | trained on | wall time per run | + features |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for target, runs in groups.items():
         accuracies = [r["test_accuracy"] for r in runs]
@@ -58,12 +58,16 @@ def table(groups: dict[float, list[dict[str, Any]]]) -> str:
         # Feature extraction (scatter-* models), before training: part of a run's cost.
         feature_times = [r["features_s"] for r in runs if r.get("features_s")]
         features = f"{statistics.mean(feature_times) / 60:.1f} min" if feature_times else "-"
+        # The recipe holds --validation images out of the training set (5,000 by default);
+        # a final run may train on all of it (--validation 0).
+        held_out = sorted({r["settings"].get("validation", 5000) for r in runs})
+        trained_on = ", ".join("all" if h == 0 else f"all but {h:,}" for h in held_out)
         lines.append(
             f"| {'non-private' if math.isinf(target) else f'{target:g}'} "
             f"| {statistics.mean(accuracies):.4f} "
             f"| {min(accuracies):.4f}-{max(accuracies):.4f} | {len(runs)} "
             f"| {'-' if math.isinf(spent) else f'{spent:.3f}'} "
-            f"| {', '.join(map(str, epochs))} | {minutes:.1f} min | {features} |"
+            f"| {', '.join(map(str, epochs))} | {trained_on} | {minutes:.1f} min | {features} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -77,6 +77,8 @@ def _fake_fashion_mnist() -> tuple[TensorDataset, TensorDataset]:
         ["--non-private"],
         ["--dataset", "mnist"],
         ["--dataset", "mnist", "--model", "scatter-linear"],  # on scattering features
+        # ... normalised by privately released channel statistics (counted in epsilon)
+        ["--model", "scatter-linear", "--feature-norm", "private"],
     ],
 )
 def test_fashion_mnist_recipe_runs(monkeypatch: pytest.MonkeyPatch, extra: list[str]) -> None:
@@ -99,3 +101,15 @@ def test_fashion_mnist_recipe_refuses_augmentations_on_scattering_features() -> 
     recipe = _load("fashion_mnist_recipe")
     with pytest.raises(SystemExit):
         recipe.parse_args(["--model", "scatter-linear", "--augmentations", "2"])
+
+
+@pytest.mark.parametrize(
+    "extra", [["--model", "tanh-cnn"], ["--model", "scatter-linear", "--non-private"]]
+)
+def test_fashion_mnist_recipe_refuses_private_feature_norm_where_it_means_nothing(
+    extra: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = _load("fashion_mnist_recipe")
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--feature-norm", "private", *extra])
+    assert "--feature-norm private" in capsys.readouterr().err
