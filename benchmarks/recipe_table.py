@@ -56,7 +56,12 @@ def table(groups: dict[float, list[dict[str, Any]]]) -> str:
         epochs = sorted({r["settings"]["epochs"] for r in runs})
         minutes = statistics.mean(r["wall_s"] for r in runs) / 60
         # Feature extraction (scatter-* models), before training: part of a run's cost.
-        feature_times = [r["features_s"] for r in runs if r.get("features_s")]
+        feature_times = [
+            r["features_s"]
+            for r in runs
+            if r.get("features_s") is not None
+            and r["settings"].get("model", "tanh-cnn").startswith("scatter")
+        ]
         features = f"{statistics.mean(feature_times) / 60:.1f} min" if feature_times else "-"
         # The recipe holds --validation images out of the training set (5,000 by default);
         # a final run may train on all of it (--validation 0).
