@@ -264,3 +264,21 @@ def test_invalid_prior_history_is_refused_naming_the_entry() -> None:
             accountant="rdp",
             prior_history=[(1.0, 0.5, 2), (1.0, 1.5, 2)],
         )
+    with pytest.raises(DPValueError, match=r"history'\]\[0\].*triple"):
+        get_noise_multiplier(
+            target_epsilon=3.0,
+            target_delta=DELTA,
+            sample_rate=0.02,
+            steps=10,
+            accountant="rdp",
+            prior_history=[1.0],  # type: ignore[list-item]
+        )
+    with pytest.raises(DPTypeError, match="prior_history has type NoneType"):
+        get_noise_multiplier(
+            target_epsilon=3.0,
+            target_delta=DELTA,
+            sample_rate=0.02,
+            steps=10,
+            accountant="rdp",
+            prior_history=None,  # type: ignore[arg-type]
+        )

@@ -202,10 +202,16 @@ def _checked_prior(
 ) -> list[tuple[float, float, int]]:
     """``prior_history`` as a list, validated by the accountant; refused if it alone already
     spends ``target_epsilon`` (no noise could then keep the total within it)."""
-    prior = [tuple(entry) for entry in prior_history]
-    if not prior:
+    if not isinstance(prior_history, list | tuple):
+        raise DPTypeError(
+            f"prior_history has type {type(prior_history).__name__}; pass a list of "
+            "(noise_multiplier, sample_rate, steps) entries, e.g. accountant.history."
+        )
+    if not prior_history:
         return []
-    analysis.load_state_dict({"mechanism": analysis.mechanism(), "history": prior})
+    # The accountant validates every entry (and names the bad ones) as it loads them.
+    analysis.load_state_dict({"mechanism": analysis.mechanism(), "history": list(prior_history)})
+    prior = list(analysis.history)
     spent = analysis.get_epsilon(delta)
     if not spent < target_epsilon:
         raise DPValueError(
@@ -215,7 +221,7 @@ def _checked_prior(
             f"target_epsilon={target_epsilon!r}: no noise multiplier keeps the total within "
             "the target. Raise target_epsilon, or train on data this budget was not spent on."
         )
-    return prior  # type: ignore[return-value]
+    return prior
 
 
 def _resolve_steps(
