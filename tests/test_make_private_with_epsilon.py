@@ -20,25 +20,32 @@ def _setup(size: int = 200) -> tuple[nn.Module, torch.optim.Optimizer, DataLoade
     return model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data, batch_size=20)
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
-def test_planned_run_lands_just_under_the_target(accountant: str) -> None:
+def _calibrate_and_train(engine: PrivacyEngine, *, target_epsilon: float, epochs: int) -> int:
+    """Make ``_setup()``'s model private for ``target_epsilon`` at delta 1e-3 over ``epochs``,
+    run them all, and return the number of steps taken."""
     model, optimizer, loader = _setup()
-    engine = PrivacyEngine(accountant=accountant)
     model, optimizer, loader = engine.make_private_with_epsilon(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
-        target_epsilon=2.0,
+        target_epsilon=target_epsilon,
         target_delta=1e-3,
-        epochs=3,
+        epochs=epochs,
         max_grad_norm=1.0,
     )
-    for _ in range(3):
+    for _ in range(epochs):
         for x, y in loader:
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
-    assert len(engine.accountant) == 3 * len(loader)
+    return epochs * len(loader)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_planned_run_lands_just_under_the_target(accountant: str) -> None:
+    engine = PrivacyEngine(accountant=accountant)
+    steps = _calibrate_and_train(engine, target_epsilon=2.0, epochs=3)
+    assert len(engine.accountant) == steps
     spent = engine.get_epsilon(1e-3)
     assert 2.0 - 0.011 <= spent <= 2.0
 
@@ -145,27 +152,13 @@ def test_budget_already_recorded_is_counted_in_the_calibration(accountant: str) 
     # Regression: the noise used to be calibrated for the planned steps alone, so an engine
     # that had already recorded releases (a loaded checkpoint, a private statistic of the
     # data) ended the planned run above target_epsilon.
-    model, optimizer, loader = _setup()
     engine = PrivacyEngine(accountant=accountant)
     for _ in range(30):
         engine.accountant.step(noise_multiplier=2.0, sample_rate=0.1)
     engine.accountant.step(noise_multiplier=8.0, sample_rate=1.0)  # one full-data release
     already = engine.get_epsilon(1e-3)
     assert 0.5 < already < 2.0
-    model, optimizer, loader = engine.make_private_with_epsilon(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        target_epsilon=3.0,
-        target_delta=1e-3,
-        epochs=3,
-        max_grad_norm=1.0,
-    )
-    for _ in range(3):
-        for x, y in loader:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
+    _calibrate_and_train(engine, target_epsilon=3.0, epochs=3)
     assert 3.0 - 0.011 <= engine.get_epsilon(1e-3) <= 3.0
 
 

@@ -254,31 +254,23 @@ def test_prior_history_is_composed_with_the_planned_steps(name: str) -> None:
     assert 3.0 - 0.011 <= accountant.get_epsilon(DELTA) <= 3.0
 
 
-def test_invalid_prior_history_is_refused_naming_the_entry() -> None:
-    with pytest.raises(DPValueError, match=r"history'\]\[1\]"):
+@pytest.mark.parametrize(
+    ("prior_history", "error", "named"),
+    [
+        ([(1.0, 0.5, 2), (1.0, 1.5, 2)], DPValueError, r"history'\]\[1\]"),
+        ([1.0], DPValueError, r"history'\]\[0\].*triple"),
+        (None, DPTypeError, "prior_history has type NoneType"),
+    ],
+)
+def test_invalid_prior_history_is_refused_naming_the_entry(
+    prior_history: Any, error: type[Exception], named: str
+) -> None:
+    with pytest.raises(error, match=named):
         get_noise_multiplier(
             target_epsilon=3.0,
             target_delta=DELTA,
             sample_rate=0.02,
             steps=10,
             accountant="rdp",
-            prior_history=[(1.0, 0.5, 2), (1.0, 1.5, 2)],
-        )
-    with pytest.raises(DPValueError, match=r"history'\]\[0\].*triple"):
-        get_noise_multiplier(
-            target_epsilon=3.0,
-            target_delta=DELTA,
-            sample_rate=0.02,
-            steps=10,
-            accountant="rdp",
-            prior_history=[1.0],  # type: ignore[list-item]
-        )
-    with pytest.raises(DPTypeError, match="prior_history has type NoneType"):
-        get_noise_multiplier(
-            target_epsilon=3.0,
-            target_delta=DELTA,
-            sample_rate=0.02,
-            steps=10,
-            accountant="rdp",
-            prior_history=None,  # type: ignore[arg-type]
+            prior_history=prior_history,
         )
