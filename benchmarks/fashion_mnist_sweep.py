@@ -10,6 +10,8 @@ to ``benchmarks/results/fashion_mnist_sweep.jsonl``.
     .venv/bin/python benchmarks/fashion_mnist_sweep.py --epochs 60 --batch 4096 --lr 4
     .venv/bin/python benchmarks/fashion_mnist_sweep.py --epochs 40 --lr 4 --augmentations 4
     .venv/bin/python benchmarks/fashion_mnist_sweep.py --dataset mnist --epochs 40 --lr 4
+    .venv/bin/python benchmarks/fashion_mnist_sweep.py --eps 1 --epochs 20 --batch 1024 --lr 2 \
+        --prior dead-leaves --prior-steps 4000
     .venv/bin/python benchmarks/fashion_mnist_sweep.py --dataset mnist --model scatter-linear
     .venv/bin/python benchmarks/fashion_mnist_sweep.py --dataset mnist --model scatter-linear \
         --feature-norm private
@@ -57,6 +59,9 @@ def main() -> None:
     )
     parser.add_argument("--feature-norm", choices=["group", "private"], default="group")
     parser.add_argument("--norm-noise", type=float, default=8.0)
+    parser.add_argument("--prior", choices=["none", "dead-leaves"], default="none")
+    parser.add_argument("--prior-steps", type=int, default=4000)
+    parser.add_argument("--prior-file", type=Path, default=None)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -65,6 +70,7 @@ def main() -> None:
     n = len(train_full)
     train, validation = Subset(train_full, range(n - 5000)), Subset(train_full, range(n - 5000, n))
     model = recipe.MODELS[args.model]()
+    prior = recipe.apply_prior(model, args) if args.prior != "none" else None
     collate = None
     if args.augmentations > 1:  # K views per example, averaged before clipping
         train = AugmentationMultiplicity(train, recipe.augment, args.augmentations)
@@ -111,11 +117,12 @@ def main() -> None:
             history.append(row)
             print(row, f"{time.time() - started:.0f}s", flush=True)
     record = {
-        "args": vars(args),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "sigma": optimizer.noise_multiplier,
         "eps": engine.get_epsilon(1e-5),
         "hist": history,
         "wall": time.time() - started,
+        "prior": prior,
     }
     with (RESULTS / "fashion_mnist_sweep.jsonl").open("a") as handle:
         handle.write(json.dumps(record) + "\n")

@@ -47,7 +47,7 @@ def group(runs: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
 def table(groups: dict[float, list[dict[str, Any]]]) -> str:
     lines = [
         "| target epsilon | test accuracy, mean | spread (min-max) | seeds | epsilon spent "
-        "| epochs | trained on | wall time per run | + features |",
+        "| epochs | trained on | wall time per run | + features or prior |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for target, runs in groups.items():
@@ -55,14 +55,10 @@ def table(groups: dict[float, list[dict[str, Any]]]) -> str:
         spent = max(r["epsilon"] for r in runs)
         epochs = sorted({r["settings"]["epochs"] for r in runs})
         minutes = statistics.mean(r["wall_s"] for r in runs) / 60
-        # Feature extraction (scatter-* models), before training: part of a run's cost.
-        feature_times = [
-            r["features_s"]
-            for r in runs
-            if r.get("features_s") is not None
-            and r["settings"].get("model", "tanh-cnn").startswith("scatter")
-        ]
-        features = f"{statistics.mean(feature_times) / 60:.1f} min" if feature_times else "-"
+        # Before training, part of a run's cost: feature extraction (scatter-* models) or
+        # the pretraining of a prior (--prior; the time it took to make, also when loaded).
+        before_times = [seconds for r in runs if (seconds := _before_training_s(r)) is not None]
+        features = f"{statistics.mean(before_times) / 60:.1f} min" if before_times else "-"
         # The recipe holds --validation images out of the training set (5,000 by default);
         # a final run may train on all of it (--validation 0).
         held_out = sorted({r["settings"].get("validation", 5000) for r in runs})
@@ -77,10 +73,25 @@ def table(groups: dict[float, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _before_training_s(run: dict[str, Any]) -> float | None:
+    if run.get("prior"):
+        return float(run["prior"]["seconds"])
+    if run.get("features_s") is not None and run["settings"].get("model", "").startswith("scatter"):
+        return float(run["features_s"])
+    return None
+
+
 def models(groups: dict[float, list[dict[str, Any]]]) -> str:
     """The ``--model`` names of the runs (older runs without one used the tanh CNN)."""
-    names = {r["settings"].get("model", "tanh-cnn") for runs in groups.values() for r in runs}
+    names = {_model_of(r) for runs in groups.values() for r in runs}
     return ", ".join(sorted(names))
+
+
+def _model_of(run: dict[str, Any]) -> str:
+    """``--model NAME``, with ``--prior KIND`` where the run started from a prior."""
+    name = run["settings"].get("model", "tanh-cnn")
+    prior = run["settings"].get("prior", "none")
+    return name if prior == "none" else f"{name} --prior {prior}"
 
 
 def plot(groups: dict[float, list[dict[str, Any]]], path: Path, title: str) -> None:

@@ -12,6 +12,9 @@ The recipe combines, each as a dptorch feature that keeps the guarantee:
   averaged before clipping; De et al. 2022, arXiv 2204.13650);
 * an exponential moving average of the weights, evaluated instead of the last iterate
   (post-processing);
+* a data-independent prior (``--prior dead-leaves``): the convolutions pretrained by
+  contrastive learning on synthetic dead-leaves images (``dptorch.priors``, no data read, no
+  privacy cost), then every weight trained privately;
 * the noise multiplier calibrated to ``--epsilon`` at delta 1e-5 for exactly the planned
   number of steps (``make_private_with_epsilon``, PRV accountant).
 
@@ -30,6 +33,7 @@ per-channel statistics released privately and counted in epsilon
     python examples/fashion_mnist_recipe.py --epsilon 3 --seed 0
     python examples/fashion_mnist_recipe.py --epsilon 1 --seed 0
     python examples/fashion_mnist_recipe.py --dataset mnist --epsilon 3 --seed 0
+    python examples/fashion_mnist_recipe.py --epsilon 3 --seed 0 --prior dead-leaves
     python examples/fashion_mnist_recipe.py --smoke        # seconds, on a slice of the data
 """
 
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -51,8 +56,16 @@ from dptorch import BatchMemoryManager, PrivacyEngine
 from dptorch.accountants.base import Accountant
 from dptorch.averaging import ParameterEMA
 from dptorch.data import AugmentationMultiplicity, flatten_views
-from dptorch.datasets import load_fashion_mnist, load_mnist
+from dptorch.datasets import (
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    MNIST_MEAN,
+    MNIST_STD,
+    load_fashion_mnist,
+    load_mnist,
+)
 from dptorch.features import Scattering2D, private_channel_norm
+from dptorch.priors import pretrain_on_dead_leaves
 
 DELTA = 1e-5
 
@@ -213,6 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train = Subset(train_full, range(n - holdout)) if holdout else train_full
     validation = Subset(train_full, range(n - holdout, n)) if holdout else None
     model = MODELS[args.model]()
+    prior = apply_prior(model, args) if args.prior != "none" else None
     started = time.perf_counter()
     if args.non_private:
         history, evaluated = _train_non_private(args, model, train, validation)
@@ -231,8 +245,66 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "history": history,
         "wall_s": time.perf_counter() - started,  # training and scoring
         "features_s": features_s,  # scattering features of all images, before training
-        "settings": {k: v for k, v in vars(args).items() if k != "output"},
+        "prior": prior,  # the data-independent pretraining, before training (None: none)
+        "settings": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "output"
+        },
     }
+
+
+def apply_prior(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    """Initialise the CNN's layers up to its ``Flatten`` by contrastive learning on synthetic
+    dead-leaves images (``dptorch.priors``; Tang et al.'s DP-RandP, arXiv 2306.06076); the
+    classifier layers after it keep their random initialisation.
+
+    With ``--prior-file`` the learned weights are saved there and, when the file already holds
+    a prior made with the same settings and seed, loaded instead of learned again (the
+    pretraining is a deterministic function of them).
+
+    Privacy: reads no data, so it costs nothing; every weight is then trained by DP-SGD.
+    """
+    assert isinstance(model, nn.Sequential)
+    flatten = next(i for i, layer in enumerate(model) if isinstance(layer, nn.Flatten))
+    encoder = model[: flatten + 1]
+    key = {"kind": args.prior, "steps": args.prior_steps, "seed": args.seed}
+    key |= {"model": args.model, "dataset": args.dataset}
+    saved = _load_prior(args.prior_file, key)
+    if saved is not None:
+        encoder.load_state_dict(saved["weights"])
+        print(f"prior: loaded from {args.prior_file}", flush=True)
+        return {**saved["report"], "loaded_from": str(args.prior_file)}
+    width = encoder(torch.zeros(1, 1, 28, 28)).shape[1]
+    mnist = args.dataset == "mnist"
+    mean, std = (MNIST_MEAN, MNIST_STD) if mnist else (FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    report = pretrain_on_dead_leaves(
+        encoder,
+        embedding_dim=width,
+        steps=args.prior_steps,
+        normalize=(mean, std),
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    print(
+        f"prior: {report.steps} contrastive steps on dead leaves, loss {report.first_loss:.2f} "
+        f"-> {report.final_loss:.2f}, {report.seconds:.0f}s",
+        flush=True,
+    )
+    record = {**key, **dataclasses.asdict(report)}
+    if args.prior_file is not None:
+        torch.save({"key": key, "report": record, "weights": encoder.state_dict()}, args.prior_file)
+    return record
+
+
+def _load_prior(path: Path | None, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The prior saved at ``path`` if it was made with exactly ``key``'s settings."""
+    if path is None or not path.exists():
+        return None
+    saved = torch.load(path, weights_only=True)
+    if saved.get("key") != key:
+        raise SystemExit(
+            f"--prior-file {path} holds a prior made with {saved.get('key')}, not {key}; "
+            "pass another file (or delete this one) to learn a new prior."
+        )
+    return dict(saved)
 
 
 def _train_private(
@@ -356,6 +428,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--norm-noise", type=float, default=8.0, help="noise multiplier of that release"
     )
+    parser.add_argument(
+        "--prior",
+        choices=["none", "dead-leaves"],
+        default="none",
+        help="initialise the CNN's convolutions by contrastive pretraining on synthetic "
+        "dead-leaves images (no data, no privacy cost)",
+    )
+    parser.add_argument("--prior-steps", type=int, default=4000)
+    parser.add_argument(
+        "--prior-file",
+        type=Path,
+        default=None,
+        help="save the learned prior here, or load it if made with the same settings and seed",
+    )
     parser.add_argument("--validation", type=int, default=5000)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--non-private", action="store_true", help="the same model, no DP")
@@ -373,8 +459,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"with a scatter-* model in a private run (got --model {args.model}"
             + (", --non-private)." if args.non_private else ").")
         )
+    if args.prior != "none" and args.model in ON_SCATTERING:
+        parser.error(
+            f"--prior {args.prior} pretrains convolutions on images, but --model {args.model} "
+            "reads fixed scattering features; use it with tanh-cnn or group-norm-cnn."
+        )
     if args.smoke:
         args.epochs, args.batch_size, args.physical_batch, args.eval_every = 1, 256, 128, 1
+        args.prior_steps = min(args.prior_steps, 2)
     return args
 
 

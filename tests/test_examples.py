@@ -79,6 +79,7 @@ def _fake_fashion_mnist() -> tuple[TensorDataset, TensorDataset]:
         ["--dataset", "mnist", "--model", "scatter-linear"],  # on scattering features
         # ... normalised by privately released channel statistics (counted in epsilon)
         ["--model", "scatter-linear", "--feature-norm", "private"],
+        ["--prior", "dead-leaves"],  # convolutions pretrained on synthetic images
     ],
 )
 def test_fashion_mnist_recipe_runs(monkeypatch: pytest.MonkeyPatch, extra: list[str]) -> None:
@@ -95,6 +96,35 @@ def test_fashion_mnist_recipe_runs(monkeypatch: pytest.MonkeyPatch, extra: list[
     else:
         # Calibrated to the target for exactly the planned steps, and never above it.
         assert 2.5 < result["epsilon"] <= 3.0 + 1e-6
+
+
+def test_fashion_mnist_recipe_saves_its_prior_and_loads_it_for_the_same_settings_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    recipe = _load("fashion_mnist_recipe")
+    monkeypatch.setattr(recipe, "load_fashion_mnist", _fake_fashion_mnist)
+    prior_file = tmp_path / "prior.pt"
+    argv = ["--smoke", "--prior", "dead-leaves", "--prior-file", str(prior_file)]
+    learned = recipe.main(argv)["prior"]
+    assert prior_file.exists() and "loaded_from" not in learned
+    saved = torch.load(prior_file, weights_only=True)["weights"]
+    loaded_model = recipe.tanh_cnn()
+    args = recipe.parse_args(argv)
+    loaded = recipe.apply_prior(loaded_model, args)
+    assert loaded["loaded_from"] == str(prior_file) and loaded["steps"] == learned["steps"]
+    for name, value in loaded_model[:7].state_dict().items():
+        assert torch.equal(value, saved[name])
+    with pytest.raises(SystemExit, match="made with"):
+        recipe.apply_prior(recipe.tanh_cnn(), recipe.parse_args([*argv, "--seed", "1"]))
+
+
+def test_fashion_mnist_recipe_refuses_a_prior_for_scattering_features(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    recipe = _load("fashion_mnist_recipe")
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--model", "scatter-linear", "--prior", "dead-leaves"])
+    assert "--prior dead-leaves" in capsys.readouterr().err
 
 
 def test_fashion_mnist_recipe_refuses_augmentations_on_scattering_features() -> None:
