@@ -273,7 +273,8 @@ def apply_prior(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
         encoder.load_state_dict(saved["weights"])
         print(f"prior: loaded from {args.prior_file}", flush=True)
         return {**saved["report"], "loaded_from": str(args.prior_file)}
-    width = encoder(torch.zeros(1, 1, 28, 28)).shape[1]
+    with torch.no_grad():
+        width = encoder(torch.zeros(1, 1, 28, 28)).shape[1]  # [1, 512] for the tanh CNN
     mnist = args.dataset == "mnist"
     mean, std = (MNIST_MEAN, MNIST_STD) if mnist else (FASHION_MNIST_MEAN, FASHION_MNIST_STD)
     report = pretrain_on_dead_leaves(

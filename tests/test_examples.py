@@ -98,6 +98,20 @@ def test_fashion_mnist_recipe_runs(monkeypatch: pytest.MonkeyPatch, extra: list[
         assert 2.5 < result["epsilon"] <= 3.0 + 1e-6
 
 
+def test_fashion_mnist_recipe_prior_changes_neither_sigma_nor_epsilon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The prior reads no data, so nothing is recorded for it: the run is calibrated and
+    accounted exactly as without it."""
+    recipe = _load("fashion_mnist_recipe")
+    monkeypatch.setattr(recipe, "load_fashion_mnist", _fake_fashion_mnist)
+    plain = recipe.main(["--smoke", "--epsilon", "2"])
+    primed = recipe.main(["--smoke", "--epsilon", "2", "--prior", "dead-leaves"])
+    assert primed["prior"] is not None and plain["prior"] is None
+    assert primed["noise_multiplier"] == plain["noise_multiplier"]
+    assert primed["epsilon"] == plain["epsilon"]
+
+
 def test_fashion_mnist_recipe_saves_its_prior_and_loads_it_for_the_same_settings_only(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -42,6 +42,17 @@ def test_later_shapes_cover_earlier_ones() -> None:
     assert images.flatten(1).std(dim=1).min() > 0.05
 
 
+def test_images_past_the_first_painting_chunk_are_painted_too() -> None:
+    """dead_leaves paints 256 images at a time into an uninitialised buffer: every image of a
+    batch of 300 must be a painting (at most 6 grey levels for 5 shapes, all in [0, 1]), and
+    the second chunk no copy of the first."""
+    images = dead_leaves(300, shapes=5, generator=_gen(7))
+    assert images.shape == (300, 1, 28, 28)
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    assert all(len(torch.unique(image)) <= 6 for image in images)
+    assert not torch.equal(images[:44], images[256:])
+
+
 def test_zero_images_is_an_empty_batch() -> None:
     assert dead_leaves(0, generator=_gen(0)).shape == (0, 1, 28, 28)
 
@@ -72,5 +83,5 @@ def test_views_keep_the_shape_differ_from_the_image_and_repeat_with_the_generato
 def test_views_refuse_what_is_not_a_float_image_batch() -> None:
     with pytest.raises(DPTypeError, match=r"\[N, C, H, W\]"):
         random_views(torch.zeros(3, 28, 28))
-    with pytest.raises(DPTypeError, match=r"\[N, C, H, W\]"):
+    with pytest.raises(DPTypeError, match=r"\[N, C, H, W\], got torch\.uint8"):
         random_views(torch.zeros(3, 1, 28, 28, dtype=torch.uint8))

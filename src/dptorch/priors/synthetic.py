@@ -23,6 +23,9 @@ from dptorch.errors import DPTypeError, DPValueError
 
 __all__ = ["dead_leaves", "random_views"]
 
+# Images painted at once: 256 x 40 shapes x 28 x 28 is ~32 MB per temporary.
+_PAINT_CHUNK = 256
+
 
 def _check_count(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -75,19 +78,26 @@ def dead_leaves(
     colours = uniform(count, shapes + 1, channels)
     colours[:, 0] = 0.0  # index 0: the background
 
-    dx, dy = cols - centre_x, rows - centre_y  # [count, shapes, size, size]
-    along = dx * torch.cos(angle) + dy * torch.sin(angle)
-    across = dy * torch.cos(angle) - dx * torch.sin(angle)
-    inside = torch.where(
-        is_ellipse,
-        (along / half_length) ** 2 + (across / half_width) ** 2 <= 1,
-        (along.abs() <= half_length) & (across.abs() <= half_width),
-    )
-    # The visible shape at a pixel is the last one painted there: the largest 1-based index.
+    # Every random number is drawn above, so painting in chunks (which bounds the
+    # [images, shapes, size, size] temporaries) gives the same images as one pass.
     order = torch.arange(1, shapes + 1).view(1, shapes, 1, 1)
-    visible = (inside * order).amax(dim=1).view(count, size * size)  # [count, H*W], 0 = none
-    pixels = torch.gather(colours, 1, visible.unsqueeze(-1).expand(-1, -1, channels))
-    return pixels.view(count, size, size, channels).permute(0, 3, 1, 2).contiguous()
+    images = torch.empty(count, channels, size, size)
+    for start in range(0, count, _PAINT_CHUNK):
+        part = slice(start, start + _PAINT_CHUNK)
+        dx, dy = cols - centre_x[part], rows - centre_y[part]  # [n, shapes, size, size]
+        cos, sin = torch.cos(angle[part]), torch.sin(angle[part])
+        along, across = dx * cos + dy * sin, dy * cos - dx * sin
+        inside = torch.where(
+            is_ellipse[part],
+            (along / half_length[part]) ** 2 + (across / half_width[part]) ** 2 <= 1,
+            (along.abs() <= half_length[part]) & (across.abs() <= half_width[part]),
+        )
+        # The visible shape at a pixel is the last one painted there: the largest 1-based
+        # index (0: none, the background).
+        visible = (inside * order).amax(dim=1).flatten(1)  # [n, H*W]
+        pixels = torch.gather(colours[part], 1, visible.unsqueeze(-1).expand(-1, -1, channels))
+        images[part] = pixels.view(-1, size, size, channels).permute(0, 3, 1, 2)
+    return images
 
 
 def random_views(images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
@@ -103,10 +113,12 @@ def random_views(images: Tensor, *, generator: torch.Generator | None = None) ->
         generator: the source of randomness.
     """
     if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
-        raise DPTypeError(
-            f"images must be a float tensor [N, C, H, W], got "
-            f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}."
+        got = (
+            f"{images.dtype} {tuple(images.shape)}"
+            if isinstance(images, Tensor)
+            else type(images).__name__
         )
+        raise DPTypeError(f"images must be a float tensor [N, C, H, W], got {got}.")
     count, g = images.shape[0], generator
 
     def uniform(low: float, high: float) -> Tensor:
