@@ -52,20 +52,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from dptorch import BatchMemoryManager, PrivacyEngine
+from dptorch import BatchMemoryManager, PrivacyEngine, datasets
 from dptorch.accountants.base import Accountant
 from dptorch.averaging import ParameterEMA
 from dptorch.data import AugmentationMultiplicity, flatten_views
-from dptorch.datasets import (
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
-    MNIST_MEAN,
-    MNIST_STD,
-    load_fashion_mnist,
-    load_mnist,
-)
+from dptorch.datasets import load_fashion_mnist, load_mnist
 from dptorch.features import Scattering2D, private_channel_norm
 from dptorch.priors import pretrain_on_dead_leaves
+from dptorch.safe_torch_file import atomic_save, load_weights_only
 
 DELTA = 1e-5
 
@@ -275,8 +269,10 @@ def apply_prior(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
         return {**saved["report"], "loaded_from": str(args.prior_file)}
     with torch.no_grad():
         width = encoder(torch.zeros(1, 1, 28, 28)).shape[1]  # [1, 512] for the tanh CNN
-    mnist = args.dataset == "mnist"
-    mean, std = (MNIST_MEAN, MNIST_STD) if mnist else (FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    if args.dataset == "mnist":
+        mean, std = datasets.MNIST_MEAN, datasets.MNIST_STD
+    else:
+        mean, std = datasets.FASHION_MNIST_MEAN, datasets.FASHION_MNIST_STD
     report = pretrain_on_dead_leaves(
         encoder,
         embedding_dim=width,
@@ -291,7 +287,9 @@ def apply_prior(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     )
     record = {**key, **dataclasses.asdict(report)}
     if args.prior_file is not None:
-        torch.save({"key": key, "report": record, "weights": encoder.state_dict()}, args.prior_file)
+        atomic_save(
+            {"key": key, "report": record, "weights": encoder.state_dict()}, args.prior_file
+        )
     return record
 
 
@@ -299,7 +297,7 @@ def _load_prior(path: Path | None, key: dict[str, Any]) -> dict[str, Any] | None
     """The prior saved at ``path`` if it was made with exactly ``key``'s settings."""
     if path is None or not path.exists():
         return None
-    saved = torch.load(path, weights_only=True)
+    saved = load_weights_only(path, map_location="cpu")
     if saved.get("key") != key:
         raise SystemExit(
             f"--prior-file {path} holds a prior made with {saved.get('key')}, not {key}; "

@@ -30,3 +30,12 @@ def check_positive_number(name: str, value: object) -> float:
     if not math.isfinite(number) or number <= 0:
         raise DPValueError(f"{name}={value!r} must be a positive finite number.")
     return number
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int of at least ``minimum``; a bool, float or string is a DPTypeError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DPTypeError(f"{name}={value!r} must be an int >= {minimum}.")
+    if value < minimum:
+        raise DPValueError(f"{name}={value!r} must be >= {minimum}.")
+    return value

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dptorch.errors import DPTypeError, DPValueError
-from dptorch.priors.synthetic import _check_count, dead_leaves, random_views
-from dptorch.validation import check_number, check_positive_number
+from dptorch.priors.synthetic import dead_leaves, random_views
+from dptorch.validation import check_int, check_number, check_positive_number
 
 __all__ = ["PretrainReport", "nt_xent_loss", "pretrain_on_dead_leaves"]
 
@@ -95,10 +95,10 @@ def pretrain_on_dead_leaves(
     """
     if not isinstance(encoder, nn.Module):
         raise DPTypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}.")
-    embedding_dim = _check_count("embedding_dim", embedding_dim, 1)
-    steps = _check_count("steps", steps, 1)
-    batch_size = _check_count("batch_size", batch_size, 2)
-    pool_size = _check_count("pool_size", pool_size, 1)
+    embedding_dim = check_int("embedding_dim", embedding_dim, 1)
+    steps = check_int("steps", steps, 1)
+    batch_size = check_int("batch_size", batch_size, 2)
+    pool_size = check_int("pool_size", pool_size, 1)
     lr = check_positive_number("lr", lr)
     temperature = check_positive_number("temperature", temperature)
     if not isinstance(normalize, tuple | list) or len(normalize) != 2:

@@ -19,20 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dptorch.errors import DPTypeError, DPValueError
+from dptorch.errors import DPTypeError
+from dptorch.validation import check_int
 
 __all__ = ["dead_leaves", "random_views"]
 
 # Images painted at once: 256 x 40 shapes x 28 x 28 is ~32 MB per temporary.
 _PAINT_CHUNK = 256
-
-
-def _check_count(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise DPTypeError(f"{name}={value!r} must be an int >= {minimum}.")
-    if value < minimum:
-        raise DPValueError(f"{name}={value!r} must be >= {minimum}.")
-    return value
 
 
 def dead_leaves(
@@ -58,10 +51,10 @@ def dead_leaves(
         generator: the source of all randomness (the global one when ``None``); the same
             generator state gives the same images.
     """
-    count = _check_count("count", count, 0)
-    size = _check_count("size", size, 4)
-    channels = _check_count("channels", channels, 1)
-    shapes = _check_count("shapes", shapes, 1)
+    count = check_int("count", count, 0)
+    size = check_int("size", size, 4)
+    channels = check_int("channels", channels, 1)
+    shapes = check_int("shapes", shapes, 1)
     g = generator
 
     def uniform(*shape: int) -> Tensor:
