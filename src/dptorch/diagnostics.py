@@ -248,7 +248,7 @@ def _norms(
                 for param, _ in saved_grads:
                     param.grad = None
                 criterion(model(inputs), targets).backward()
-                found.append(engine.clipped_sum(policy).norms.detach().to(torch.float64).cpu())
+                found.append(engine.clip(policy).result.norms.detach().to(torch.float64).cpu())
                 engine.clear()
     finally:
         engine.detach()

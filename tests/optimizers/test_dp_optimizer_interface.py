@@ -315,3 +315,30 @@ def test_last_step_stats_report_the_realised_batch_and_clipped_fraction(
             assert stats.clipped_fraction == expected_fraction
         sizes.append(stats.batch_size)
     assert len(sizes) == len(loader)
+
+
+def test_released_gradient_is_the_seeded_noise_plus_the_normalised_clipped_sum() -> None:
+    """The release accumulates each clipped sum into the noise buffer inside its product;
+    it must equal the mechanism written out: the same seeded draw, plus the clipped sum
+    formed on its own (``ClipPlan.sums``), divided by ``q N``."""
+    from dptorch.noise import gaussian_noise
+
+    model = _model()
+    _, optimizer, _ = _private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_seed=3)
+    x, y = _fixed_batch()
+    F.cross_entropy(model(x), y).backward()
+    plan = optimizer.engine.clip(optimizer.clipping)
+    sums = plan.sums()
+    optimizer.step()
+    params = list(model.parameters())
+    divisor = optimizer.expected_batch_size
+    noise = gaussian_noise(
+        torch.Size([sum(p.numel() for p in params)]),
+        std=optimizer.noise_multiplier * optimizer.max_grad_norm / divisor,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(3),
+    )
+    for param, drawn in zip(params, noise.split([p.numel() for p in params]), strict=True):
+        expected = drawn.view(param.shape) + sums[param] / divisor
+        torch.testing.assert_close(param.grad, expected)

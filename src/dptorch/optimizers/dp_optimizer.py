@@ -24,7 +24,7 @@ from dptorch.distributed import GradientSync
 from dptorch.errors import DPTypeError, DPValueError, DPWarning, TrainingLoopError
 from dptorch.fsdp import ShardedGradientSync
 from dptorch.noise import gaussian_noise, noise_dtype, secure_grid, snap_to_grid
-from dptorch.per_sample.engine import ClippedBatch, LossReduction, PerSampleEngine
+from dptorch.per_sample.engine import ClippedBatch, ClipPlan, LossReduction, PerSampleEngine
 from dptorch.secure_random import SecureRandom
 from dptorch.validation import check_noise_multiplier, check_positive_number
 
@@ -295,15 +295,22 @@ class DPOptimizer(Optimizer):
             check(self)
         if self._accumulating:
             loss = _run(closure)
-            self._pending = _merge(self._pending, self.engine.clipped_sum(self.clipping))
+            self._pending = _accumulate(self._pending, self.engine.clip(self.clipping))
             self.engine.clear()
             return loss
         for pre_hook in list(self._optimizer_step_pre_hooks.values()):
             pre_hook(self, (), {})
         loss = _run(closure)
-        clipped = _merge(self._pending, self.engine.clipped_sum(self.clipping))
-        self._pending = None
-        self._release_noisy_gradients(clipped)
+        plan = self.engine.clip(self.clipping)
+        pending, self._pending = self._pending, None
+        if isinstance(self.gradient_sync, ShardedGradientSync):
+            clipped = _accumulate(pending, plan)
+            self.gradient_sync.release_shards(
+                self, clipped, std=self._release_std(), divisor=self._divisor()
+            )
+        else:
+            self._release_noisy_gradients(plan, pending)
+            clipped = _merged_stats(pending, plan.result, sums={})  # sums are in p.grad
         update_norm = getattr(self.clipping, "update", None)
         if update_norm is not None:  # adaptive clipping: its noised count is in sigma
             update_norm(clipped.norms, self.expected_batch_size, self.generator)
@@ -319,17 +326,25 @@ class DPOptimizer(Optimizer):
             post_hook(self, (), {})
         return loss
 
-    def _release_noisy_gradients(self, clipped: ClippedBatch) -> None:
-        """Set every trainable ``p.grad`` to its noisy, normalised clipped sum."""
-        divisor = self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+    def _divisor(self) -> float:
+        return self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+
+    def _release_std(self) -> float:
+        """The noise std on each released (normalised) coordinate: ``sigma C / divisor``."""
+        return self.gradient_noise_multiplier * self.clipping.sensitivity / self._divisor()
+
+    def _release_noisy_gradients(self, plan: ClipPlan, pending: ClippedBatch | None) -> None:
+        """Set every trainable ``p.grad`` to its noisy, normalised clipped sum.
+
+        ``pending`` holds the sums of the logical batch's earlier physical parts, if any.
+        """
+        divisor = self._divisor()
         # (noise + sum) / divisor computed as noise' + sum / divisor with noise' drawn at std
-        # sigma C / divisor: one fused pass, and p.grad is a view of the one noise buffer.
-        std = self.gradient_noise_multiplier * self.clipping.sensitivity / divisor
+        # sigma C / divisor, and each sum accumulated into the noise by its own contraction
+        # (no sum tensor, no extra pass): p.grad is a view of the one noise buffer.
+        std = self._release_std()
         release_std = std  # the grid of secure mode follows the noise actually released
         sync = self.gradient_sync
-        if isinstance(sync, ShardedGradientSync):  # FSDP2: each rank noises its own shard
-            sync.release_shards(self, clipped, std=std, divisor=divisor)
-            return
         if sync is not None and not sync.draws_noise:
             std = 0.0  # one rank draws the noise, so the all-reduced sum has it exactly once
         params = self.trainable_parameters()
@@ -342,6 +357,7 @@ class DPOptimizer(Optimizer):
         # the grid is one rounding pass (see dptorch.noise.noise_grid).
         grid = secure_grid(release_std, self.generator)
         unit = 1.0 if grid is None else grid
+        scale = 1.0 / (divisor * unit)
         for (device, dtype), members in groups.items():
             sizes = [p.numel() for p in members]
             flat = gaussian_noise(
@@ -353,9 +369,11 @@ class DPOptimizer(Optimizer):
                 out=self._secure_work_buffer(device, dtype, sum(sizes)) if grid else None,
             )
             for param, noise in zip(members, flat.split(sizes), strict=True):
-                total = clipped.sums.get(param)
-                if total is not None:
-                    noise.view(param.shape).add_(total, alpha=1.0 / (divisor * unit))
+                view = noise.view(param.shape)
+                earlier = pending.sums.get(param) if pending is not None else None
+                if earlier is not None:
+                    view.add_(earlier, alpha=scale)
+                plan.add_sum_(param, view, alpha=scale)
             if sync is not None:
                 sync.sum_(flat)  # one collective per group, in the same order on every rank
             if grid is not None:
@@ -403,15 +421,31 @@ def _run(closure: Callable[[], Any] | None) -> Any:
         return closure()
 
 
-def _merge(pending: ClippedBatch | None, new: ClippedBatch) -> ClippedBatch:
-    """One logical batch's clipped sums from two disjoint parts of it (sums add up exactly)."""
+def _accumulate(pending: ClippedBatch | None, plan: ClipPlan) -> ClippedBatch:
+    """The logical batch so far: ``pending`` (its earlier physical parts) plus ``plan``'s part.
+
+    The sums are kept in the noise dtype (float32 or better), as the release adds in it, and
+    each new part is accumulated into them in place (they are this optimizer's own tensors),
+    so a logical batch of many physical parts holds one sum per parameter, not one per part.
+    """
+    sums = {} if pending is None else dict(pending.sums)
+    for param in plan.terms:
+        total = sums.get(param)
+        if total is None:
+            sums[param] = plan.sum(param).to(noise_dtype(param.dtype))
+        else:
+            plan.add_sum_(param, total)
     if pending is None:
-        return new
-    sums = dict(pending.sums)
-    for param, total in new.sums.items():
-        # Accumulate in the noise dtype (float32 or better), as the release adds in it.
-        total = total.to(noise_dtype(param.dtype))
-        sums[param] = sums[param] + total if param in sums else total
+        return replace(plan.result, sums=sums)
+    return _merged_stats(pending, plan.result, sums)
+
+
+def _merged_stats(
+    pending: ClippedBatch | None, new: ClippedBatch, sums: dict[Tensor, Tensor]
+) -> ClippedBatch:
+    """Norms, factors and counts of two disjoint parts of one logical batch, with ``sums``."""
+    if pending is None:
+        return replace(new, sums=sums)
     return replace(
         pending,
         sums=sums,

@@ -57,6 +57,44 @@ class ClippedBatch:
     nonfinite: int
 
 
+@dataclass
+class ClipPlan:
+    """One physical batch clipped but not yet summed: its terms and per-example weights.
+
+    Attributes:
+        terms: per trainable parameter, the per-sample gradient terms of the batch.
+        weights: per parameter, each example's clipping factor (times the row scale of a
+            mean loss); the clipped sum of ``param`` is ``sum_i weights[param][i] g_i``.
+        result: the batch's norms, factors and counts, with empty ``sums``.
+
+    Privacy: both ways to form the sums (:meth:`sums`, :meth:`add_sum_`) compute the same
+    ``sum_i c_i g_i``; only where the result is written differs.
+    """
+
+    terms: dict[Tensor, list[GradTerm]]
+    weights: dict[Tensor, Tensor]
+    result: ClippedBatch
+
+    @property
+    def _sanitize(self) -> bool:
+        return self.result.nonfinite > 0
+
+    def sums(self) -> dict[Tensor, Tensor]:
+        """Each touched parameter's clipped sum as a new tensor."""
+        return {param: self.sum(param) for param in self.terms}
+
+    def sum(self, param: Tensor) -> Tensor:
+        """``param``'s clipped sum as a new tensor (``param`` must have terms)."""
+        return _sum_terms(self.terms[param], self.weights[param], sanitize=self._sanitize)
+
+    def add_sum_(self, param: Tensor, out: Tensor, alpha: float = 1.0) -> None:
+        """``out += alpha * (clipped sum of param)``, in place; nothing if no example touched
+        ``param``. ``out`` has ``param``'s shape (a view of a contiguous buffer accumulates
+        inside the contraction; any other is added to)."""
+        for term in self.terms.get(param, ()):
+            term.add_weighted_sum_(out, self.weights[param], alpha, sanitize=self._sanitize)
+
+
 def modules_to_capture(root: nn.Module, trainable: frozenset[nn.Parameter]) -> dict[str, nn.Module]:
     """Every submodule that owns a trainable parameter, by dotted path.
 
@@ -176,6 +214,17 @@ class PerSampleEngine:
     # -- the computation -------------------------------------------------------------------
     def clipped_sum(self, policy: ClippingPolicy) -> ClippedBatch:
         """Clip and sum the per-sample gradients of the backward pass since :meth:`clear`."""
+        plan = self.clip(policy)
+        return replace(plan.result, sums=plan.sums())
+
+    def clip(self, policy: ClippingPolicy) -> ClipPlan:
+        """Per-example norms and clipping factors of the backward pass since :meth:`clear`.
+
+        The weighted sums are left to the caller: :meth:`ClipPlan.sums`, or
+        :meth:`ClipPlan.add_sum_` straight into a release buffer (the noise), which spares a
+        parameter-sized tensor and a pass over it. Every check (no backward, several
+        backwards, gradients the hooks did not see) runs here, before anything is released.
+        """
         records = [r for r in self.capture.records if r.has_grad]
         if not records:
             raise TrainingLoopError(
@@ -227,14 +276,10 @@ class PerSampleEngine:
             weights = dict.fromkeys(by_param, shared)
         else:
             weights, factors = _group_weights(policy, group_of, param_norm_sq, batch, scale)
-        sums = {
-            param: _sum_terms(terms, weights[param], sanitize=nonfinite > 0)
-            for param, terms in by_param.items()
-        }
         self._check_no_foreign_gradients()
         if verified_now:  # after the check above: this step's autograd .grad is expected
             self._trust_registered_rules()
-        return ClippedBatch(sums, batch, norms, factors, nonfinite)
+        return ClipPlan(by_param, weights, ClippedBatch({}, batch, norms, factors, nonfinite))
 
     def _trust_registered_rules(self) -> None:
         """After the first check passed: skip the ordinary gradients of registered rules too.

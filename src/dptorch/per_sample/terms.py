@@ -97,6 +97,16 @@ class DenseTerm:
         )
         return flat.view(self.param.shape)
 
+    def add_weighted_sum_(
+        self, out: Tensor, factors: Tensor, alpha: float, sanitize: bool = False
+    ) -> None:
+        """``out += alpha * sum_i c_i g_i``, written by the product itself (no sum tensor)."""
+        grads = self.grad_sample.reshape(self.batch_size, self.param.numel())
+        if sanitize or not _writes_into(out, grads):
+            out.add_(self.weighted_sum(factors, sanitize), alpha=alpha)
+            return
+        out.view(-1).addmv_(grads.t(), factors.to(grads.dtype), alpha=alpha)
+
 
 @dataclass(eq=False)
 class IndexRows:
@@ -249,31 +259,74 @@ class OuterTerm:
                 return scale_samples(grads, factors, sanitize=True).sum(dim=0)
             flat = factors.to(grads.dtype) @ grads.flatten(1)  # [R*C]
             return flat.view(self.param.shape)
+        rows, cols = self._scaled_factors(factors, sanitize)
+        if isinstance(rows, IndexRows):
+            c = cols.shape[3]
+            out = torch.zeros(rows.size, c, dtype=cols.dtype, device=cols.device)
+            out.index_add_(0, rows.index.clamp(min=0).reshape(-1), _valid_cols(rows, cols))
+            return out.view(self.param.shape)
+        flat_rows, flat_cols = _contraction_operands(rows, cols)
+        return torch.bmm(flat_rows, flat_cols).reshape(self.param.shape)
+
+    def add_weighted_sum_(
+        self, out: Tensor, factors: Tensor, alpha: float, sanitize: bool = False
+    ) -> None:
+        """``out += alpha * sum_i c_i g_i`` (``out`` shaped like ``param``), accumulated by
+        the contraction itself: no sum tensor is allocated and no extra pass adds it."""
+        if sanitize or not _writes_into(out, self.cols):
+            out.add_(self.weighted_sum(factors, sanitize), alpha=alpha)
+            return
+        if self._instantiated is not None:
+            grads = self._instantiated.flatten(1)
+            out.view(-1).addmv_(grads.t(), factors.to(grads.dtype), alpha=alpha)
+            return
+        rows, cols = self._scaled_factors(factors, sanitize=False)
+        if isinstance(rows, IndexRows):
+            flat = _valid_cols(rows, cols)
+            index = rows.index.clamp(min=0).reshape(-1)
+            out.view(rows.size, -1).index_add_(0, index, flat, alpha=alpha)
+            return
+        flat_rows, flat_cols = _contraction_operands(rows, cols)
+        out.view(flat_rows.shape[0], flat_rows.shape[1], -1).baddbmm_(
+            flat_rows, flat_cols, alpha=alpha
+        )
+
+    def _scaled_factors(self, factors: Tensor, sanitize: bool) -> tuple[RowFactor, Tensor]:
+        """``rows`` and ``cols`` with each example's clipping factor applied to one of them."""
         rows = self.rows
         if not sanitize and isinstance(rows, Tensor) and rows.shape[3] < self.cols.shape[3]:
             # The factor can go into either side of the contraction; scaling the narrower
             # one copies less (a 1024 -> 256 Linear's rows are a quarter of its cols).
-            rows, cols = scale_samples(rows, factors, sanitize=False), self.cols
-        else:
-            cols = scale_samples(self.cols, factors, sanitize)
+            return scale_samples(rows, factors, sanitize=False), self.cols
+        cols = scale_samples(self.cols, factors, sanitize)
         if sanitize and not isinstance(rows, IndexRows):
             # The rows of a dropped example may hold NaN too, and NaN * 0 is NaN.
             rows = scale_samples(rows, (factors != 0).to(rows.dtype), sanitize=True)
-        if isinstance(rows, IndexRows):
-            b, _, t, c = cols.shape
-            flat = (cols[:, 0] * rows.valid().unsqueeze(-1).to(cols.dtype)).reshape(b * t, c)
-            out = torch.zeros(rows.size, c, dtype=cols.dtype, device=cols.device)
-            out.index_add_(0, rows.index.clamp(min=0).reshape(-1), flat)
-            return out.view(self.param.shape)
-        b, g, t, c = cols.shape
-        # One batched matmul per group, contracting over examples and positions together:
-        # [g, R, B*T] @ [g, B*T, C].
-        flat_rows = rows.permute(1, 3, 0, 2).reshape(g, self.row_size, b * t)
-        summed = torch.bmm(flat_rows, cols.permute(1, 0, 2, 3).reshape(g, b * t, c))
-        return summed.reshape(self.param.shape)
+        return rows, cols
 
 
 GradTerm = DenseTerm | OuterTerm
+
+
+def _writes_into(out: Tensor, operand: Tensor) -> bool:
+    """Whether a product of ``operand`` can accumulate into ``out`` in place: same dtype and
+    device, and ``out`` one contiguous block (a view of a release buffer). Otherwise the sum
+    is formed in the operand's dtype and added, as without fusion (mixed precision)."""
+    return out.dtype == operand.dtype and out.device == operand.device and out.is_contiguous()
+
+
+def _valid_cols(rows: IndexRows, cols: Tensor) -> Tensor:
+    """``[B*T, C]`` output gradients of an index-rows term, zero at ignored positions."""
+    b, _, t, c = cols.shape
+    return (cols[:, 0] * rows.valid().unsqueeze(-1).to(cols.dtype)).reshape(b * t, c)
+
+
+def _contraction_operands(rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """``[g, R, B*T]`` and ``[g, B*T, C]``: one batched matmul per group contracts over
+    examples and positions together."""
+    b, g, t, c = cols.shape
+    flat_rows = rows.permute(1, 3, 0, 2).reshape(g, rows.shape[3], b * t)
+    return flat_rows, cols.permute(1, 0, 2, 3).reshape(g, b * t, c)
 
 
 def merge_positions(terms: list[GradTerm]) -> list[GradTerm]:
