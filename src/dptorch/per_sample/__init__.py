@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dptorch.per_sample.capture import is_captured
-from dptorch.per_sample.engine import ClippedBatch, PerSampleEngine
+from dptorch.per_sample.engine import ClippedBatch, ClipPlan, PerSampleEngine
 from dptorch.per_sample.rules import RuleContext, register_rule, unregister_rule
 from dptorch.per_sample.rules.base import input_and_grad
 from dptorch.per_sample.terms import DenseTerm, GradTerm, OuterTerm
 
 __all__ = [
+    "ClipPlan",
     "ClippedBatch",
     "DenseTerm",
     "GradTerm",
