@@ -254,11 +254,7 @@ class OuterTerm:
 
     def weighted_sum(self, factors: Tensor, sanitize: bool = False) -> Tensor:
         if self._instantiated is not None:
-            grads = self._instantiated
-            if sanitize:
-                return scale_samples(grads, factors, sanitize=True).sum(dim=0)
-            flat = factors.to(grads.dtype) @ grads.flatten(1)  # [R*C]
-            return flat.view(self.param.shape)
+            return DenseTerm(self.param, self._instantiated).weighted_sum(factors, sanitize)
         rows, cols = self._scaled_factors(factors, sanitize)
         if isinstance(rows, IndexRows):
             c = cols.shape[3]
@@ -273,12 +269,12 @@ class OuterTerm:
     ) -> None:
         """``out += alpha * sum_i c_i g_i`` (``out`` shaped like ``param``), accumulated by
         the contraction itself: no sum tensor is allocated and no extra pass adds it."""
+        if self._instantiated is not None:
+            dense = DenseTerm(self.param, self._instantiated)
+            dense.add_weighted_sum_(out, factors, alpha, sanitize)
+            return
         if sanitize or not _writes_into(out, self.cols):
             out.add_(self.weighted_sum(factors, sanitize), alpha=alpha)
-            return
-        if self._instantiated is not None:
-            grads = self._instantiated.flatten(1)
-            out.view(-1).addmv_(grads.t(), factors.to(grads.dtype), alpha=alpha)
             return
         rows, cols = self._scaled_factors(factors, sanitize=False)
         if isinstance(rows, IndexRows):
