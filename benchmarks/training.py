@@ -16,12 +16,16 @@ Memory is the growth of the process's resident set during training: the kernel's
 mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` just before the first step, and
 growth = ``VmHWM`` after the last step minus ``VmRSS`` before the first. Where that is not
 available it falls back to ``ru_maxrss`` after minus before, which misses any peak reached
-during setup. The method used is recorded with each result.
+during setup. The method used is recorded with each result. After the timing, each worker
+also measures the peak growth of live tensor memory alone over a few steps of a new set-up
+(``tensor_memory.py``: the profiler's allocation events, the CPU analogue of
+``torch.cuda.max_memory_allocated``), which the C allocator's caching cannot blur.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -42,6 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tensor_memory import tensor_peak_growth_mb
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
@@ -66,6 +73,8 @@ WARMUP_BUDGET_S = 15.0
 # A row is marked "(contended)" when other processes kept more cores than this busy on
 # average while it was timed (the machine is shared; see ``other_busy_cores``).
 CONTENDED_CORES = 0.3
+# Steps run under the memory profiler for the live-tensor peak (the first one included).
+TENSOR_PEAK_STEPS = 3
 
 
 # -- models ------------------------------------------------------------------------------
@@ -434,6 +443,16 @@ def run_worker(model_name: str, mode: str, steps: int, warmup: int) -> dict[str,
     if accountant is not None:
         history = getattr(accountant, "history", None) or []
         result["accountant_history"] = [list(entry) for entry in history]
+    # After the timing, on a new set-up (the profiler slows every op, so it never runs
+    # while steps are timed): the live-tensor peak, which the C allocator cannot blur.
+    del step, accountant
+    gc.collect()
+    try:
+        result["tensor_peak_growth_mb"] = tensor_peak_growth_mb(
+            lambda: _prepare(model_name, mode)[0], TENSOR_PEAK_STEPS
+        )
+    except Exception as error:
+        result["tensor_peak_error"] = f"{type(error).__name__}: {error}"
     return result
 
 
@@ -549,10 +568,15 @@ def _ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}x"
 
 
+def _megabytes(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def _table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | mode | median ms | IQR ms | steps | vs plain | vs Opacus best | peak growth MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | mode | median ms | IQR ms | steps | vs plain | vs Opacus best "
+        "| peak growth MB | tensor peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
@@ -566,14 +590,14 @@ def _table(results: list[dict[str, Any]]) -> str:
                 reason = r.get("error") or r.get("skipped", "")
                 reason = reason.replace("|", "/").replace("\n", " ")
                 reason = reason if len(reason) <= 160 else reason[:157] + "..."
-                lines.append(f"| {model} | {r['mode']} | failed: {reason} | | | | | |")
+                lines.append(f"| {model} | {r['mode']} | failed: {reason} | | | | | | |")
                 continue
             busy = r.get("other_busy_cores") or 0.0
             mark = " (contended)" if busy > CONTENDED_CORES else ""
             lines.append(
                 f"| {model} | {r['mode']}{mark} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | {r['steps']} | "
                 f"{_ratio(r['median_ms'], plain)} | {_ratio(r['median_ms'], best)} | "
-                f"{r['peak_growth_mb']:.0f} |"
+                f"{r['peak_growth_mb']:.0f} | {_megabytes(r.get('tensor_peak_growth_mb'))} |"
             )
     return "\n".join(lines)
 
@@ -597,7 +621,8 @@ def run_all(models: list[str], quick: bool, timeout: float, output: str | None =
             results.append(result)
             shown = (
                 f"{result['median_ms']:.1f} ms (IQR {result['iqr_ms']:.1f}), "
-                f"+{result['peak_growth_mb']:.0f} MB"
+                f"+{result['peak_growth_mb']:.0f} MB (tensors "
+                f"+{_megabytes(result.get('tensor_peak_growth_mb'))} MB)"
                 if "median_ms" in result
                 else result.get("error", "")
             )

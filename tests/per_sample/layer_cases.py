@@ -51,6 +51,17 @@ class TwiceCalled(nn.Module):
         return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
 
 
+class ConvTwice(nn.Module):
+    """One convolution applied twice: its per-example gradient is the sum of two terms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(torch.tanh(self.conv(x)))
+
+
 class Attention(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -230,6 +241,7 @@ CASES: list[LayerCase] = [
         ),
         _randn(4, 8, 7),
     ),
+    LayerCase("conv2d_called_twice", ConvTwice, _randn(2, 5, 5)),
     LayerCase("conv2d_same", lambda: nn.Conv2d(2, 3, 4, padding="same"), _randn(2, 6, 5)),
     LayerCase(
         "conv2d_valid_depthwise",

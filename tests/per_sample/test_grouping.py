@@ -93,6 +93,17 @@ def test_views_of_one_example_are_averaged_then_clipped_once(case: LayerCase, ro
     assert stats is not None and stats.batch_size == EXAMPLES
 
 
+@pytest.mark.parametrize("case", [c for c in GROUPED_CASES if c.name.startswith("conv")], ids=str)
+def test_recomputed_conv_terms_are_grouped_exactly(
+    case: LayerCase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conv term that kept only its rows' norms is formed again to average its rows."""
+    from dptorch.per_sample.rules import conv
+
+    monkeypatch.setattr(conv, "_recompute_saves_memory", lambda module, x, grad: True)
+    test_views_of_one_example_are_averaged_then_clipped_once(case, "instantiate")
+
+
 def _private_linear(views: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     model = nn.Linear(3, 2)
     loader = DataLoader(TensorDataset(torch.zeros(DATASET, 1)), batch_size=LOADER_BATCH)

@@ -130,15 +130,19 @@ def test_recurrent_layers_torch_func_cannot_batch_are_refused_at_make_private(
 CONV_CASES = [case for case in CASES if case.name.startswith("conv")]
 
 
-@pytest.mark.parametrize("method", ["grouped", "unfold"])
+@pytest.mark.parametrize("method", ["grouped", "unfold", "recompute-grouped", "recompute-unfold"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
-def test_both_conv_instantiations_match_oracle(
+def test_every_conv_instantiation_matches_oracle(
     case: LayerCase, method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The cost rule picks one way to instantiate per layer; each must be exact on its own."""
+    """The cost rules pick one way to instantiate per layer, and whether to keep the
+    per-example gradients or only their norms (the weighted sum then recomputed by one
+    batched kernel); each must be exact on its own."""
     from dptorch.per_sample.rules import conv
 
-    monkeypatch.setattr(conv, "_unfold_is_faster", lambda module, positions: method == "unfold")
+    unfold, recompute = method.endswith("unfold"), method.startswith("recompute")
+    monkeypatch.setattr(conv, "_unfold_is_faster", lambda module, positions: unfold)
+    monkeypatch.setattr(conv, "_recompute_saves_memory", lambda module, x, grad: recompute)
     test_applied_gradient_matches_oracle(case, "active", "sum", "instantiate")
 
 
@@ -148,7 +152,11 @@ def test_conv_instantiation_choice_follows_measured_rule() -> None:
     assert _unfold_is_faster(nn.Conv2d(3, 16, 3, padding=1), 1024)  # narrow 3x3 stem
     assert not _unfold_is_faster(nn.Conv2d(1, 16, 8, 2, padding=3), 196)  # large kernel
     assert not _unfold_is_faster(nn.Conv2d(16, 16, 3, padding=1), 1024)  # wide groups
-    assert not _unfold_is_faster(nn.Conv2d(16, 32, 4, 2), 25)  # few positions, 16 channels
+    # Few positions for the patch size (4 P <= C_in K): patches; more: the grouped kernel.
+    assert _unfold_is_faster(nn.Conv2d(16, 32, 4, 2), 25)  # 100 <= 256
+    assert _unfold_is_faster(nn.Conv2d(32, 64, 3, padding=1), 49)  # 196 <= 288
+    assert not _unfold_is_faster(nn.Conv2d(16, 32, 3, padding=1), 49)  # 196 > 144
+    assert _unfold_is_faster(nn.Conv2d(32, 64, 1, 2), 64)  # 1x1: the patches are the input
     assert _unfold_is_faster(nn.Conv2d(64, 64, 3, padding=1), 64)  # wide, few positions
     assert not _unfold_is_faster(nn.Conv2d(64, 64, 3, padding=1), 256)  # wide, more positions
     assert _unfold_is_faster(nn.Conv2d(32, 32, 3, groups=8), 1024)  # 4 channels per group

@@ -147,3 +147,49 @@ def test_clip_plan_accumulates_what_clipped_sum_returns() -> None:
         plan.add_sum_(param, out, alpha=ALPHA)
         torch.testing.assert_close(out, 2.0 + ALPHA * sums[param])
     engine.detach()
+
+
+def _conv_inputs(wide: bool = False) -> tuple[nn.Conv2d, Tensor, Tensor]:
+    """A small layer, or (``wide``) one whose weight dwarfs an example's input and output
+    gradient, so its norms are formed one example at a time."""
+    g = _generator()
+    if wide:
+        conv = nn.Conv2d(8, 16, 3)
+        return conv, torch.randn(B, 8, 3, 3, generator=g), torch.randn(B, 16, 1, 1, generator=g)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    return conv, torch.randn(B, 3, 7, 7, generator=g), torch.randn(B, 4, 4, 4, generator=g)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_recomputed_conv_term_equals_the_instantiated_one(wide: bool) -> None:
+    """Norms kept, gradients freed, the weighted sum recomputed by one batched kernel."""
+    from dptorch.per_sample.rules.conv import _recomputed_weight_term, per_sample_conv_weight_grads
+
+    conv, x, grad = _conv_inputs(wide)
+    grads = per_sample_conv_weight_grads(x, grad, conv)
+    dense = DenseTerm(conv.weight, grads)
+    term = _recomputed_weight_term(conv, x, grad)
+    factors = torch.rand(B, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(term.norm_sq(), dense.norm_sq())
+    torch.testing.assert_close(term.weighted_sum(factors), _one_at_a_time(dense, factors))
+    torch.testing.assert_close(term.instantiate(), grads)
+    out = torch.ones_like(conv.weight)
+    term.add_weighted_sum_(out, factors, ALPHA)
+    torch.testing.assert_close(out, 1 + ALPHA * dense.weighted_sum(factors))
+
+
+def test_recomputed_conv_term_drops_a_nonfinite_example() -> None:
+    from dptorch.per_sample.rules.conv import _recomputed_weight_term, per_sample_conv_weight_grads
+
+    conv, x, grad = _conv_inputs()
+    grads = per_sample_conv_weight_grads(x, grad, conv)
+    x[0, 0, 0, 0], grad[0, 1, 1, 1] = float("nan"), float("inf")
+    term = _recomputed_weight_term(conv, x, grad)
+    assert not torch.isfinite(term.norm_sq()[0]) and torch.isfinite(term.norm_sq()[1:]).all()
+    factors = torch.rand(B, generator=torch.Generator().manual_seed(1))
+    factors[0] = 0.0
+    out = torch.zeros_like(conv.weight)
+    term.add_weighted_sum_(out, factors, ALPHA, sanitize=True)
+    expected = ALPHA * DenseTerm(conv.weight, grads[1:]).weighted_sum(factors[1:])
+    torch.testing.assert_close(out, expected)
+    assert not torch.isfinite(term.weighted_sum(factors)).all()  # unsanitised: poisoned

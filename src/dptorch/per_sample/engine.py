@@ -8,6 +8,7 @@ for factors ``c_i``, and forms each parameter's weighted sum in one contraction.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
@@ -178,7 +179,9 @@ class PerSampleEngine:
         )
         self._skipped = frozenset(self.skipper.parameters)
         # The gradients the optimizer released last, to tell them from foreign ones.
-        self._released: dict[Tensor, tuple[Tensor, int]] = {}
+        # Weak references: a strong one would keep each step's released gradients (the
+        # size of the model) alive after zero_grad() dropped them, into the next step's peak.
+        self._released: dict[Tensor, tuple[weakref.ref[Tensor], int]] = {}
         # Stand-ins a wrapper swaps in for trainable parameters (see alias_parameters).
         self._owner_of: dict[Tensor, Tensor] = {}
 
@@ -203,7 +206,7 @@ class PerSampleEngine:
 
     def note_released(self, param: Tensor, grad: Tensor) -> None:
         """Remember the gradient the optimizer stored in ``param.grad``."""
-        self._released[param] = (grad, grad._version)
+        self._released[param] = (weakref.ref(grad), grad._version)
 
     def clear(self) -> None:
         self.capture.clear()
@@ -381,7 +384,7 @@ class PerSampleEngine:
             if grad is None:
                 continue
             released = self._released.get(param)
-            if released is not None and grad is released[0] and grad._version == released[1]:
+            if released is not None and grad is released[0]() and grad._version == released[1]:
                 continue  # the optimizer's own last release, untouched
             if bool(grad.any()):
                 problems.append(param)

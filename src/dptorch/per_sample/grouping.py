@@ -8,7 +8,8 @@ accounting, is the same as with one row per example.
 
 Grouping is exact and cheap on every term kind: an outer-product term's ``K`` rows become
 ``K * T`` positions of one example (the position sum is the row sum), instantiated
-per-example gradients are averaged over their ``K`` rows.
+per-example gradients are averaged over their ``K`` rows (a recomputed term is formed again for
+that).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from dptorch.errors import DPValueError
-from dptorch.per_sample.terms import DenseTerm, GradTerm, IndexRows, OuterTerm
+from dptorch.per_sample.terms import DenseTerm, GradTerm, IndexRows, OuterTerm, RecomputedTerm
 
 
 def check_group_size(rows: int, multiplicity: int) -> int:
@@ -36,6 +37,10 @@ def group_rows(term: GradTerm, multiplicity: int) -> GradTerm:
     if multiplicity == 1:
         return term
     examples = term.batch_size // multiplicity
+    if isinstance(term, RecomputedTerm):
+        # Its norms are of single rows; the mean over each example's rows needs the
+        # per-row gradients themselves.
+        term = DenseTerm(term.param, term.instantiate())
     if isinstance(term, DenseTerm):
         shape = term.grad_sample.shape[1:]
         grads = term.grad_sample.reshape(examples, multiplicity, *shape).mean(dim=1)

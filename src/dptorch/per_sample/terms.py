@@ -19,6 +19,7 @@ called twice) add up; their cross inner products give the norm of the sum exactl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -301,7 +302,47 @@ class OuterTerm:
         return rows, cols
 
 
-GradTerm = DenseTerm | OuterTerm
+@dataclass(eq=False)
+class RecomputedTerm:
+    """Per-example gradients whose squared norms were taken when formed, then freed.
+
+    Where a layer's per-example gradients are much larger than its input and output gradient
+    (a convolution with many channels and few output positions), keeping ``[B,
+    *param.shape]`` from the backward pass to the release costs more memory than the
+    activations it came from. This term keeps the norms and two ways to rebuild what the step
+    needs later: ``form()`` forms the per-example gradients again (for a layer called twice,
+    augmentation groups, the foreign-gradient check), ``contract(factors, sanitize)`` gives
+    ``sum_i c_i g_i`` directly from the layer's input and output gradient (for a convolution,
+    its ordinary batched weight gradient with each example's output gradient scaled by
+    ``c_i``). Exact: the same clipped sum as the instantiated term, up to float rounding.
+    """
+
+    param: Tensor
+    norms_sq: Tensor
+    form: Callable[[], Tensor] = field(repr=False)
+    contract: Callable[[Tensor, bool], Tensor] = field(repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.norms_sq.shape[0]
+
+    def instantiate(self) -> Tensor:
+        return self.form()
+
+    def norm_sq(self, route: NormRoute = "auto", grams: RowGrams | None = None) -> Tensor:
+        return self.norms_sq
+
+    def weighted_sum(self, factors: Tensor, sanitize: bool = False) -> Tensor:
+        return self.contract(factors, sanitize)
+
+    def add_weighted_sum_(
+        self, out: Tensor, factors: Tensor, alpha: float, sanitize: bool = False
+    ) -> None:
+        """``out += alpha * sum_i c_i g_i`` (the contraction makes a new tensor, then added)."""
+        out.add_(self.contract(factors, sanitize), alpha=alpha)
+
+
+GradTerm = DenseTerm | OuterTerm | RecomputedTerm
 
 
 def _writes_into(out: Tensor, operand: Tensor) -> bool:

@@ -13,6 +13,10 @@ Two exact forms, chosen per call by cost:
     writes the patch matrix (``B * P * C_in * K`` values) but runs as dense GEMMs; the grouped
     kernel is slow where each group is narrow (few input channels), or wide with few output
     positions, and there this form wins (see :func:`_unfold_is_faster`).
+  Where the per-example gradients are much larger than the layer's input and output
+  gradient (:func:`_recompute_saves_memory`), only their norms are kept; the weighted sum
+  is then one ordinary batched weight-gradient kernel with each example's output gradient
+  scaled by its clipping factor (:class:`~dptorch.per_sample.terms.RecomputedTerm`).
 * **Ghost, on unfolded patches.** A convolution is a Linear layer applied at every output
   position ``p`` to the input patch under the kernel, so ``g_i = sum_p G[i, :, p] (x)
   patch[i, p]`` per group: an outer-product term. Cheaper only when the output has few
@@ -33,7 +37,14 @@ from torch import Tensor, nn
 
 from dptorch.per_sample.capture import CallRecord
 from dptorch.per_sample.rules.base import RuleContext, compute_dtype, input_and_grad
-from dptorch.per_sample.terms import DenseTerm, GradTerm, OuterTerm
+from dptorch.per_sample.terms import (
+    DenseTerm,
+    GradTerm,
+    OuterTerm,
+    RecomputedTerm,
+    rowwise_sq_norm,
+    scale_samples,
+)
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -149,20 +160,26 @@ def per_sample_conv_weight_grads_by_unfold(x: Tensor, grad: Tensor, conv: ConvNd
 def _unfold_is_faster(conv: ConvNd, positions: int) -> bool:
     """Whether to instantiate by patches and a batched matmul rather than the grouped kernel.
 
-    Measured on the CPU (2 threads, batch 256; per layer by ``benchmarks/conv_patches.py``,
-    three runs, then whole training steps timed A/B in one process). The grouped kernel is
-    slow for narrow groups, e.g. a 3 -> 16 channel 3x3 stem on 32x32 (11-15 ms against 5-6
-    ms by patches; the ResNet went from 1.41x to 1.31x plain when its stem was unfolded), and
-    for wide groups on few output positions (64 -> 64 on 8x8: 38-43 ms against 30-37 ms; the
-    ResNet's two such layers unfolded: 1.53x -> 1.47x and 1.61x -> 1.57x plain in two runs).
-    It wins by 3-7x for 16-32 channels on 16x16 and 32x32. The MNIST CNN's layers are close
-    calls: its 1 -> 16 channel 8x8 stem per layer 2.6-4.1 ms grouped against 2.4-3.7 ms by
-    patches, but unfolding it made the whole step slower (1.46x -> 1.54x plain); unfolding
-    both of its layers moved the step by 0.03-0.05 either way across runs. Those stay grouped.
+    Measured on the CPU (2 threads, batch 256) by ``benchmarks/conv_routes.py`` (norms and
+    weighted sum included; 14 layer shapes, results/conv_routes.md). The grouped kernel is
+    slow for narrow groups (a 3 -> 16 channel 3x3 stem on 32x32: 11.8 against 6.1 ms by
+    patches), for 1x1 kernels, whose patches are the input itself (32 -> 64 and 64 -> 128
+    on 8x8 outputs: 1.5 against 0.8 ms and 3.1 against 1.6 ms), and wherever the output has
+    few positions for the size of a patch, ``4 P <= C_in K / g``: each example's ``[C_out,
+    P] @ [P, C_in K]`` is then a well-shaped GEMM and the patch copy small (32 -> 64 3x3 on
+    8x8 outputs: 8.4 against 24.0 ms; 32 -> 32 5x5 on 4x4: 6.5 against 25.7 ms). It is
+    faster with more positions (16 -> 16 3x3 on 32x32: 10 against 81 ms; 16 -> 32 3x3 on
+    7x7: 1.9 against 3.3 ms). Misjudged by this rule: LeNet's 6 -> 16 5x5 on 10x10
+    outputs (grouped, 3.4 against 2.8 ms). The benchmark CNN's 16 -> 32 4x4 layer on 5x5
+    outputs is a close call (3.2-3.9 ms grouped, 2.7-3.6 by patches over three runs);
+    by patches, its whole step timed A/B in one process went from 1.73x to 1.51x plain and
+    from 1.79x to 1.48x in two runs, and its live-tensor peak from 39 to 31 MB (the grouped
+    kernel's temporaries are three times its output).
     """
     per_group_in = conv.in_channels // conv.groups
-    narrow = per_group_in <= 4 and math.prod(conv.kernel_size) <= 9
-    return narrow or (per_group_in >= 64 and positions <= 64)
+    kernel = math.prod(conv.kernel_size)
+    narrow = per_group_in <= 4 and kernel <= 9
+    return narrow or kernel == 1 or 4 * positions <= per_group_in * kernel
 
 
 def _ghost_is_cheaper(conv: ConvNd, positions: int) -> bool:
@@ -172,6 +189,85 @@ def _ghost_is_cheaper(conv: ConvNd, positions: int) -> bool:
     out = conv.out_channels // conv.groups
     ghost = positions * positions * (out + patch) + 2 * positions * patch
     return ghost < 0.5 * positions * out * patch
+
+
+def weighted_conv_weight_grad(
+    x: Tensor, grad: Tensor, conv: ConvNd, factors: Tensor, sanitize: bool
+) -> Tensor:
+    """``sum_i c_i g_i`` of the weight: ONE batched weight-gradient kernel (the ordinary one)
+    on the output gradient with each example's slice scaled by its factor ``c_i``.
+
+    With ``sanitize`` the input and output gradient of an example with factor 0 are zeroed
+    first, so a NaN or inf in either cannot reach the sum (``0 * nan`` is ``nan``).
+    """
+    scaled = scale_samples(grad, factors, sanitize)
+    if sanitize:
+        x = scale_samples(x, (factors != 0).to(x.dtype), sanitize=True)
+    padding = _explicit_padding(conv)
+    if padding is None:
+        x, padding = _padded_input(x, conv), [0] * len(conv.kernel_size)
+    _, weight_grad, _ = torch.ops.aten.convolution_backward(
+        scaled,
+        x,
+        x.new_empty(()).expand(conv.weight.shape),  # only its shape is read
+        None,
+        list(conv.stride),
+        padding,
+        list(conv.dilation),
+        False,
+        [0] * len(conv.kernel_size),
+        conv.groups,
+        [False, True, False],
+    )
+    return weight_grad
+
+
+def _recompute_saves_memory(conv: ConvNd, x: Tensor, grad: Tensor) -> bool:
+    """Whether to keep the input and output gradient (and the norms) instead of the
+    per-example weight gradients from the backward pass to the release.
+
+    Chosen where the weight is at least twice the size of one example's input and output
+    gradient together: then the kept tensors are at most half as large, and the extra work
+    at the release, one batched weight gradient (what non-private training computes for
+    every layer), is small because such layers have few output positions. Measured by
+    ``benchmarks/training.py``'s live-tensor peak (see benchmarks/README.md).
+    """
+    batch = x.shape[0]
+    per_example = (x.numel() + grad.numel()) // max(batch, 1)
+    return conv.weight.numel() >= 2 * per_example
+
+
+def per_example_weight_grads(x: Tensor, grad: Tensor, conv: ConvNd) -> Tensor:
+    """``[B, *conv.weight.shape]`` by the faster of the two instantiations for this layer."""
+    if _unfold_is_faster(conv, math.prod(grad.shape[2:])):
+        return per_sample_conv_weight_grads_by_unfold(x, grad, conv)
+    return per_sample_conv_weight_grads(x, grad, conv)
+
+
+def _recomputed_weight_term(conv: ConvNd, x: Tensor, grad: Tensor) -> RecomputedTerm:
+    """The weight's per-example norms, formed a slice of the batch at a time and freed; its
+    weighted sum recomputed from ``x`` and ``grad`` when the factors are known.
+
+    Each slice's gradients (and patches) are at most about as large as the ``x`` and
+    ``grad`` the term keeps, so forming them never costs more memory than keeping them.
+    """
+    batch = x.shape[0]
+    per_example_kept = (x.numel() + grad.numel()) // batch
+    slice_size = max(1, batch * per_example_kept // conv.weight.numel())
+    norms_sq = torch.cat(
+        [
+            rowwise_sq_norm(per_example_weight_grads(xs, gs, conv).reshape(xs.shape[0], -1))
+            for xs, gs in zip(x.split(slice_size), grad.split(slice_size), strict=True)
+        ]
+    )
+
+    def form() -> Tensor:
+        return per_example_weight_grads(x, grad, conv)
+
+    def contract(factors: Tensor, sanitize: bool) -> Tensor:
+        return weighted_conv_weight_grad(x, grad, conv, factors, sanitize)
+
+    return RecomputedTerm(conv.weight, norms_sq, form, contract)
 
 
 def conv_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> list[GradTerm]:
@@ -188,11 +284,11 @@ def conv_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> list[G
             ctx.norm_route == "auto" and _ghost_is_cheaper(module, positions)
         )
         if not ghost and batch > 0:
-            if _unfold_is_faster(module, positions):
-                grads = per_sample_conv_weight_grads_by_unfold(x, out_grad, module)
+            if _recompute_saves_memory(module, x, out_grad):
+                terms.append(_recomputed_weight_term(module, x, out_grad))
             else:
-                grads = per_sample_conv_weight_grads(x, out_grad, module)
-            terms.append(DenseTerm(module.weight, grads))
+                grads = per_example_weight_grads(x, out_grad, module)
+                terms.append(DenseTerm(module.weight, grads))
         else:
             patches = unfold_patches(x, module)  # [B, P, C_in * K]
             per_group = patches.shape[2] // groups
