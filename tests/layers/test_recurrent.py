@@ -277,15 +277,15 @@ def test_make_private_trains_an_embedding_dplstm_classifier() -> None:
 @pytest.mark.parametrize(
     ("layer", "recurrent_calls"),
     [
-        # LSTM and RNN: one call of each W_hh per layer and direction, whatever T is.
+        # One call of each W_hh per layer and direction, whatever T is (the GRU's through a
+        # tap of its own, as its reset gate multiplies W_hn h).
         (DPLSTM(D_IN, H, num_layers=2, bidirectional=True, batch_first=True), 4),
         (DPRNN(D_IN, H, bidirectional=True, batch_first=True), 2),
-        # GRU: its reset gate multiplies W_hn h, so W_hh is called at every step.
-        (DPGRU(D_IN, H, batch_first=True), T),
+        (DPGRU(D_IN, H, num_layers=2, bidirectional=True, batch_first=True), 4),
     ],
     ids=["lstm", "rnn", "gru"],
 )
-def test_recurrent_weights_are_captured_once_per_sequence_where_they_enter_additively(
+def test_recurrent_weights_are_captured_once_per_sequence(
     layer: DPRNNBase, recurrent_calls: int
 ) -> None:
     from dptorch.per_sample.engine import PerSampleEngine

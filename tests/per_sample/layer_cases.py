@@ -366,6 +366,11 @@ CASES: list[LayerCase] = [
         _randn(3, 4),
     ),
     LayerCase(
+        "dpgru_inside_a_fallback_module",
+        lambda: ScaledDPRecurrent(DPGRU(4, 5, num_layers=2, batch_first=True)),
+        _randn(3, 4),
+    ),
+    LayerCase(
         "dpgru_packed_sorted",
         lambda: PackedDPRecurrent(DPGRU(3, 4, bidirectional=True), True),
         _padded_tokens(5, sort=True),

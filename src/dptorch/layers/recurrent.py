@@ -82,7 +82,7 @@ class DPGRU(DPRNNBase):
 
     _TORCH_TYPE = nn.GRU
     _GATES = 3
-    _DEFERRED_RECURRENCE = False  # r * (W_hn h + b_hn): the product's gradient is not the gates'
+    _PRODUCT_ADDS_TO_GATES = False  # r * (W_hn h + b_hn): the product's gradient is its own
 
     def __init__(
         self,

@@ -6,12 +6,13 @@ input or output gradient: dptorch can only reach it through the ``torch.func`` f
 
 * ``ih_l{k}``: an ``nn.Linear(d_in, G*H)`` applied once to the whole sequence (``W_ih``,
   ``b_ih``), batched over time;
-* ``hh_l{k}``: ``W_hh h_{t-1} + b_hh``, ``nn.Linear(H, G*H)`` parameters. In the LSTM and
-  the RNN it enters the gates additively, so it is a
+* ``hh_l{k}``: ``W_hh h_{t-1} + b_hh``, ``nn.Linear(H, G*H)`` parameters, a
   :class:`~dptorch.layers.recurrent_linear.RecurrentLinear`: multiplied at every step, but
   called as a module (and differentiated) once per sequence, on all the previous states. In
-  the GRU it is an ``nn.Linear`` called once per step, whose ``T`` calls dptorch's engine
-  merges into one per-sample term;
+  the LSTM and the RNN the product enters the gates additively, so its output gradient is the
+  gates'; in the GRU the reset gate multiplies part of it, so the call returns a separate
+  per-step tap (``b_hh``) that each step's product is added to, and its gradient is the
+  product's;
 * ``hr_l{k}`` (LSTM with ``proj_size`` only): ``nn.Linear(H, P, bias=False)`` per step,
 
 (``_reverse`` appended for the backward direction), and the gate arithmetic in between has no
@@ -23,6 +24,7 @@ rename ``ih_l0.weight`` <-> ``weight_ih_l0``, and ``layer.weight_ih_l0`` reads t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -62,9 +64,9 @@ class DPRNNBase(nn.Module):
 
     _TORCH_TYPE: ClassVar[type[nn.RNNBase]]
     _GATES: ClassVar[int]
-    # Whether W_hh h_{t-1} enters the gates additively, so its gradient can be taken once
-    # for the whole sequence (LSTM, RNN; not the GRU): see dptorch.layers.recurrent_linear.
-    _DEFERRED_RECURRENCE: ClassVar[bool] = True
+    # Whether W_hh h_{t-1} enters the gates additively (LSTM, RNN), so the gates' gradient is
+    # its output gradient; the GRU's gets a tap of its own (see _run_direction).
+    _PRODUCT_ADDS_TO_GATES: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -112,8 +114,7 @@ class DPRNNBase(nn.Module):
             for suffix in ("", "_reverse")[: self.num_directions]:
                 key = f"l{layer}{suffix}"
                 self.add_module(f"ih_{key}", _SequenceLinear(layer_in, gates, bias, **factory))
-                recurrent = RecurrentLinear if self._DEFERRED_RECURRENCE else nn.Linear
-                self.add_module(f"hh_{key}", recurrent(out_size, gates, bias, **factory))
+                self.add_module(f"hh_{key}", RecurrentLinear(out_size, gates, bias, **factory))
                 if proj_size:
                     self.add_module(
                         f"hr_{key}", nn.Linear(hidden_size, proj_size, False, **factory)
@@ -268,21 +269,28 @@ class DPRNNBase(nn.Module):
         ih, hh, hr = self._cells[index]
         projected = self._modules[ih](layer_input)  # type: ignore[misc]  # [B, T, G*H]
         recurrent = self._modules[hh]
-        if not isinstance(recurrent, RecurrentLinear):  # the GRU: W_hh called every step
-            return self._scan_steps(projected, initial, recurrent, hr, reverse, mask, time_major)
+        assert isinstance(recurrent, RecurrentLinear)
+        # The GRU's product is scaled by the reset gate, so its gradient is not the gates':
+        # it gets a tap of its own, zero plus b_hh, that each step adds W_hh h to (gru_scan).
+        zeros = (
+            None if self._PRODUCT_ADDS_TO_GATES else projected.new_zeros(()).expand_as(projected)
+        )
         if inside_functorch():
             # A torch.func re-run (the fallback rule of an enclosing module): plain autograd
             # operations only, which its transforms know how to batch.
             def step(inputs: Tensor, state: Tensor) -> Tensor:
                 return inputs + F.linear(state, recurrent.weight, recurrent.bias)
 
-            return self._scan_steps(projected, initial, step, hr, reverse, mask, time_major)
+            return self._scan_steps(projected, zeros, initial, step, hr, reverse, mask, time_major)
         # One call for the whole sequence; the states it multiplied are written into
         # `previous` once the loop has made them (see dptorch.layers.recurrent_linear).
         previous = projected.new_empty(*projected.shape[:2], initial[0].shape[-1])
-        gate_inputs = recurrent(previous, projected)  # + b_hh
+        if zeros is None:
+            gate_inputs, taps = recurrent(previous, projected), None  # + b_hh
+        else:
+            gate_inputs, taps = projected, recurrent(previous, zeros)
         output, final = self._scan_steps(
-            gate_inputs, initial, recurrent.add_product, hr, reverse, mask, time_major
+            gate_inputs, taps, initial, recurrent.add_product, hr, reverse, mask, time_major
         )
         _write_previous_states(previous, output, initial[0], time_major, reverse)
         return output, final
@@ -290,6 +298,7 @@ class DPRNNBase(nn.Module):
     def _scan_steps(
         self,
         gate_inputs: Tensor,
+        taps: Tensor | None,
         initial: tuple[Tensor, ...],
         step: Any,
         hr: str | None,
@@ -297,12 +306,19 @@ class DPRNNBase(nn.Module):
         mask: Tensor | None,
         time_major: bool,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """The time loop (autograd through every step), its outputs stacked in time order."""
+        """The time loop (autograd through every step), its outputs stacked in time order.
+
+        Each step reads ``gate_inputs[:, t]``, or with ``taps`` (the GRU) the pair
+        ``(gate_inputs[:, t], taps[:, t])``.
+        """
         total = gate_inputs.shape[1]
         order = range(total - 1, -1, -1) if reverse else range(total)
         valid = None if mask is None else list(mask.unbind(0))  # T x [B, 1]
         projection = self._modules[hr] if hr else None
-        steps, final = self._scan()(gate_inputs.unbind(1), initial, step, projection, order, valid)
+        per_step: Sequence[Any] = gate_inputs.unbind(1)
+        if taps is not None:
+            per_step = list(zip(per_step, taps.unbind(1), strict=True))
+        steps, final = self._scan()(per_step, initial, step, projection, order, valid)
         if reverse:
             steps.reverse()
         return torch.stack(steps, dim=0 if time_major else 1), final

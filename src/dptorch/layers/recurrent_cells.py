@@ -6,9 +6,9 @@ the whole sequence in one batched call, and a function for the recurrent product
 * LSTM and RNN: ``add_recurrent(inputs_t, h) = inputs_t + W_hh h`` (``b_hh`` is already in
   the inputs), the per-step product of a :class:`~dptorch.layers.recurrent_linear.RecurrentLinear`
   whose gradient is taken once for the whole sequence;
-* GRU: ``hidden(h) = W_hh h + b_hh``, the recurrent ``nn.Linear`` called once per step *as a
-  module*, so dptorch's hooks see its input and output gradient at every step (the per-sample
-  engine merges the steps into one term).
+* GRU: each step's input is the pair ``(W_ih x_t + b_ih, tap_t)``, and
+  ``add_recurrent(tap_t, h) = tap_t + W_hh h`` the same per-step product, on a tap of its own
+  (``b_hh``, from the recurrent layer's one call), because the reset gate scales part of it.
 
 All other work is parameter-free tensor arithmetic with PyTorch's gate layout and formulas.
 
@@ -22,6 +22,7 @@ step from its initial state, as PyTorch's packed reverse direction does.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 #  -> (outputs in step order, final state)
 Scan = Callable[
     [
-        Sequence[Tensor],
+        Sequence[Any],
         tuple[Tensor, ...],
         Callable[..., Tensor],
         "nn.Module | None",
@@ -74,14 +75,15 @@ def lstm_scan(
 
 
 def gru_scan(
-    inputs: Sequence[Tensor],
+    inputs: Sequence[tuple[Tensor, Tensor]],
     state: tuple[Tensor, ...],
-    hidden: Callable[[Tensor], Tensor],
+    add_recurrent: Callable[[Tensor, Tensor], Tensor],
     projection: nn.Module | None,
     order: Sequence[int],
     valid: Sequence[Tensor] | None,
 ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
-    """GRU steps (gate order r, z, n as in ``nn.GRU``); ``state`` is ``(h,)``.
+    """GRU steps (gate order r, z, n as in ``nn.GRU``); ``state`` is ``(h,)``; ``inputs[t]``
+    is the pair (input projection, recurrent tap), each ``[B, 3H]`` (see the module docstring).
 
     ``n = tanh(x_n + r * (W_hn h + b_hn))`` with ``b_hn`` inside the product, exactly as
     PyTorch; ``h_t = (1 - z) * n + z * h_{t-1}``.
@@ -89,8 +91,9 @@ def gru_scan(
     (h,) = state  # [B, H]
     outputs: list[Tensor] = []
     for t in order:
-        x_r, x_z, x_n = inputs[t].chunk(3, dim=1)  # each [B, H]
-        h_r, h_z, h_n = hidden(h).chunk(3, dim=1)
+        projected, tap = inputs[t]  # each [B, 3H]
+        x_r, x_z, x_n = projected.chunk(3, dim=1)  # each [B, H]
+        h_r, h_z, h_n = add_recurrent(tap, h).chunk(3, dim=1)
         n = torch.addcmul(x_n, (x_r + h_r).sigmoid(), h_n).tanh()
         h_new = torch.lerp(n, h, (x_z + h_z).sigmoid())  # (1 - z) * n + z * h
         h = h_new if valid is None else torch.where(valid[t], h_new, h)

@@ -20,9 +20,10 @@ and direction, before the time loop, as ``hh(previous_states, gate_inputs)``:
 
 dptorch's hooks therefore see one call with input ``[B, T, H]`` and output gradient
 ``[B, T, G]`` instead of ``T`` calls whose terms would have to be merged, and training without
-DP gets ``W_hh``'s gradient from one matrix product instead of ``T``. The GRU keeps one call
-per step: its candidate gate multiplies ``W_hn h_{t-1}`` by the reset gate, so the
-recurrent product's gradient differs from the input projection's.
+DP gets ``W_hh``'s gradient from one matrix product instead of ``T``. The GRU's candidate gate
+multiplies ``W_hn h_{t-1}`` by the reset gate, so its recurrent product's gradient differs
+from the input projection's: it calls ``hh(previous_states, zeros)`` and adds each step's
+product to that output (its *tap*), whose gradient is then the product's own.
 """
 
 from __future__ import annotations
