@@ -161,19 +161,19 @@ def _unfold_is_faster(conv: ConvNd, positions: int) -> bool:
     """Whether to instantiate by patches and a batched matmul rather than the grouped kernel.
 
     Measured on the CPU (2 threads, batch 256) by ``benchmarks/conv_routes.py`` (norms and
-    weighted sum included; 14 layer shapes, results/conv_routes.md). The grouped kernel is
-    slow for narrow groups (a 3 -> 16 channel 3x3 stem on 32x32: 11.8 against 6.1 ms by
-    patches), for 1x1 kernels, whose patches are the input itself (32 -> 64 and 64 -> 128
-    on 8x8 outputs: 1.5 against 0.8 ms and 3.1 against 1.6 ms), and wherever the output has
-    few positions for the size of a patch, ``4 P <= C_in K / g``: each example's ``[C_out,
-    P] @ [P, C_in K]`` is then a well-shaped GEMM and the patch copy small (32 -> 64 3x3 on
-    8x8 outputs: 8.4 against 24.0 ms; 32 -> 32 5x5 on 4x4: 6.5 against 25.7 ms). It is
-    faster with more positions (16 -> 16 3x3 on 32x32: 10 against 81 ms; 16 -> 32 3x3 on
-    7x7: 1.9 against 3.3 ms). Misjudged by this rule: LeNet's 6 -> 16 5x5 on 10x10
-    outputs (grouped, 3.4 against 2.8 ms). The benchmark CNN's 16 -> 32 4x4 layer on 5x5
-    outputs is a close call (3.2-3.9 ms grouped, 2.7-3.6 by patches over three runs);
-    by patches, its whole step timed A/B in one process went from 1.73x to 1.51x plain and
-    from 1.79x to 1.48x in two runs, and its live-tensor peak from 39 to 31 MB (the grouped
+    weighted sum included; 14 layer shapes; numbers from its last run, results/conv_routes.md).
+    The grouped kernel is slow for narrow groups (a 3 -> 16 channel 3x3 stem on 32x32: 11.1
+    against 5.7 ms by patches), for 1x1 kernels, whose patches are the input itself (32 -> 64
+    and 64 -> 128 on 8x8 outputs: 1.5 against 0.9 ms and 3.4 against 1.6 ms), and wherever
+    the output has few positions for the size of a patch, ``4 P <= C_in K / g``: each
+    example's ``[C_out, P] @ [P, C_in K]`` is then a well-shaped GEMM and the patch copy small
+    (32 -> 64 3x3 on 8x8 outputs: 13.2 against 8.8 ms; 32 -> 32 5x5 on 4x4: 16.4 against 8.4
+    ms). It is faster with more positions (16 -> 16 3x3 on 32x32: 10 against 73 ms; 16 -> 32
+    3x3 on 7x7: 1.8 against 2.7 ms). Misjudged by this rule: LeNet's 6 -> 16 5x5 on 10x10
+    outputs (grouped, 4.7 against 3.9 ms). The benchmark CNN's 16 -> 32 4x4 layer on 5x5
+    outputs is a close call (2.2-3.9 ms grouped, 2.5-3.6 by patches over four runs); by
+    patches, its whole step timed A/B in one process went from 1.73x to 1.51x plain and from
+    1.79x to 1.48x in two runs, and its live-tensor peak from 39 to 31 MB (the grouped
     kernel's temporaries are three times its output).
     """
     per_group_in = conv.in_channels // conv.groups
