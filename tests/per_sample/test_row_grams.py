@@ -34,3 +34,25 @@ def test_other_rows_and_changed_rows_are_computed_again() -> None:
     assert len(calls) == 4
     rows = grads.reshape(3, 1, 5, 8)
     torch.testing.assert_close(changed, rows @ rows.transpose(-1, -2))
+
+
+def test_terms_that_read_the_same_input_share_its_gram() -> None:
+    """q, k, v projections of one input: one input Gram, three output-gradient Grams, and
+    the same norms as without sharing."""
+    from torch import nn
+
+    from dptorch.per_sample.terms import OuterTerm
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(4, 1, 6, 8, generator=generator)
+    terms = [
+        OuterTerm(
+            nn.Parameter(torch.zeros(5, 8)), torch.randn(4, 1, 6, 5, generator=generator), inputs
+        )
+        for _ in range(3)
+    ]
+    grams = RowGrams()
+    shared = [term.inner(term, grams) for term in terms]
+    assert len(grams) == 4
+    for term, norm_sq in zip(terms, shared, strict=True):
+        torch.testing.assert_close(norm_sq, term.inner(term))

@@ -3,7 +3,9 @@
 Layers that share an output gradient also share the row factor of their ghost norms: the
 input projection and the recurrent weight of a ``DPLSTM`` both have the gate gradient
 ``[B, T, 4H]`` as rows, and ``<g_t, g_s>`` over all step pairs, ``B T^2 4H`` multiply-adds,
-is the largest part of their norms. :class:`RowGrams` computes such a Gram once per step.
+is the largest part of their norms. Layers that read the same input share the other factor's
+Gram the same way (the ``q``, ``k`` and ``v`` projections of a self-attention layer).
+:class:`RowGrams` computes each such Gram once per step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ class RowGrams:
 
     def __init__(self) -> None:
         self._grams: dict[_Key, tuple[Tensor, int, Tensor]] = {}
+
+    def __len__(self) -> int:
+        """How many Grams it holds."""
+        return len(self._grams)
 
     def self_gram(self, rows: Tensor, compute: Callable[[], Tensor]) -> Tensor:
         """``compute()``, or its result from an earlier call on the same rows."""

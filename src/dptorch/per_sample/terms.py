@@ -250,7 +250,13 @@ class OuterTerm:
             rows = grams.self_gram(own, lambda: _row_gram(own, own, self.cols.dtype))
         else:
             rows = _row_gram(self.rows, other.rows, self.cols.dtype)
-        cols = torch.matmul(self.cols, other.cols.transpose(2, 3))
+        if grams is not None and other is self:
+            # Layers that read the same input share its Gram too (an attention layer's q, k
+            # and v projections): equal memory, shape and strides are the same tensor.
+            inputs = self.cols
+            cols = grams.self_gram(inputs, lambda: torch.matmul(inputs, inputs.transpose(2, 3)))
+        else:
+            cols = torch.matmul(self.cols, other.cols.transpose(2, 3))
         return (rows * cols).flatten(1).sum(dim=1)
 
     def weighted_sum(self, factors: Tensor, sanitize: bool = False) -> Tensor:
