@@ -122,6 +122,8 @@ def test_secure_mode_draws_from_the_csprng_and_records_the_release() -> None:
         ({"features": torch.ones(5, 2, dtype=torch.long)}, "floating-point"),
         ({"features": torch.full((5, 2), math.nan)}, "NaN"),
         ({"chunk_size": 0}, "chunk_size=0"),
+        ({"chunk_size": True}, "chunk_size=True"),
+        ({"chunk_size": 2.5}, "chunk_size=2.5"),
     ],
 )
 def test_bad_arguments_are_refused_and_nothing_is_recorded(

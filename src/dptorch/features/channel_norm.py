@@ -202,7 +202,7 @@ def _check_arguments(
                     else "."
                 )
             )
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+    if isinstance(chunk_size, bool) or not (isinstance(chunk_size, int) and chunk_size >= 1):
         problems.append(f"chunk_size={chunk_size!r} must be an integer >= 1.")
     if problems:
         raise DPValueError(" ".join(problems))
