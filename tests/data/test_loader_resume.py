@@ -94,5 +94,9 @@ def test_malformed_sampler_states_are_refused() -> None:
     sampler = PoissonBatchSampler(30, 0.2, steps=STEPS, generator=torch.Generator())
     with pytest.raises(DPValueError, match="0 <= skip < steps=5"):
         sampler.load_resume_state({"generator_state": torch.zeros(3, dtype=torch.uint8), "skip": 5})
+    with pytest.raises(DPValueError, match="0 <= skip < steps=5"):  # a bool is not a count
+        sampler.load_resume_state(
+            {"generator_state": torch.zeros(3, dtype=torch.uint8), "skip": True}
+        )
     with pytest.raises(DPValueError, match="does not fit"):
         sampler.load_resume_state({"generator_state": torch.zeros(3, dtype=torch.uint8), "skip": 1})

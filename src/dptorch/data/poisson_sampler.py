@@ -200,6 +200,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
             isinstance(generator_state, Tensor)
             and generator_state.dtype == torch.uint8
             and isinstance(skip, int)
+            and not isinstance(skip, bool)
             and 0 <= skip < self.steps
         ):
             raise DPValueError(
