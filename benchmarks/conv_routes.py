@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import conv_patches  # the benchmark models' conv layers
 import training  # machine facts, thread count
 
 from dptorch.per_sample.rules.conv import (
@@ -53,16 +54,12 @@ BATCH = 256
 BLOCKS = 11
 BLOCK_CALLS = 3
 
-# (name, layer, input shape without the batch): training.py's CNN and ResNet layers, then
-# other small-image shapes (LeNet-, VGG- and ResNet-style layers on 4x4 to 16x16 outputs, 1x1 projections).
+# conv_patches.py's layers (training.py's CNN and ResNet), then other small-image shapes
+# (LeNet-, VGG- and ResNet-style layers on 4x4 to 16x16 outputs, 1x1 projections).
 LAYERS: list[tuple[str, nn.Conv2d, tuple[int, ...]]] = [
-    ("cnn 1->16 8x8 s2 on 28x28", nn.Conv2d(1, 16, 8, 2, padding=3), (1, 28, 28)),
-    ("cnn 16->32 4x4 s2 on 13x13", nn.Conv2d(16, 32, 4, 2), (16, 13, 13)),
-    ("resnet stem 3->16 3x3 on 32x32", nn.Conv2d(3, 16, 3, padding=1), (3, 32, 32)),
-    ("resnet 16->16 3x3 on 32x32", nn.Conv2d(16, 16, 3, padding=1), (16, 32, 32)),
-    ("resnet 32->32 3x3 on 16x16", nn.Conv2d(32, 32, 3, padding=1), (32, 16, 16)),
+    *conv_patches.LAYERS[:5],
     ("resnet 32->64 3x3 s2 on 16x16", nn.Conv2d(32, 64, 3, 2, padding=1), (32, 16, 16)),
-    ("resnet 64->64 3x3 on 8x8", nn.Conv2d(64, 64, 3, padding=1), (64, 8, 8)),
+    conv_patches.LAYERS[5],
     ("lenet 6->16 5x5 on 14x14", nn.Conv2d(6, 16, 5), (6, 14, 14)),
     ("16->32 3x3 on 7x7", nn.Conv2d(16, 32, 3, padding=1), (16, 7, 7)),
     ("32->64 3x3 on 7x7", nn.Conv2d(32, 64, 3, padding=1), (32, 7, 7)),

@@ -11,6 +11,10 @@ training steps minus the total just before the first step (set-up excluded, so t
 weights and the data are not counted, but everything a step allocates, gradients, optimizer
 state and buffers kept across steps included).
 
+The events are read from ``prof.profiler.kineto_results.experimental_event_tree()``, an
+experimental torch interface (present in torch 2.4 to 2.13); if it changes, the worker
+records ``tensor_peak_error`` instead of a number.
+
 Frees of blocks allocated before the profiler started are not reported by the profiler, so
 call it on a fresh set-up with nothing else being freed meanwhile; such a free could only
 make the result too high, never too low.

@@ -121,26 +121,13 @@ def per_sample_conv_weight_grads(x: Tensor, grad: Tensor, conv: ConvNd) -> Tenso
         conv: the layer (its stride, padding, dilation and groups).
     """
     batch = x.shape[0]
-    padding = _explicit_padding(conv)
-    if padding is None:
-        x, padding = _padded_input(x, conv), [0] * len(conv.kernel_size)
     weight_shape = conv.weight.shape
-    folded_weight = [batch * weight_shape[0], *weight_shape[1:]]
-    # Only the weight's shape matters for the weight gradient; a zero-stride view avoids
-    # allocating B copies of the weight.
-    shape_only = x.new_empty(()).expand(folded_weight)
-    _, weight_grad, _ = torch.ops.aten.convolution_backward(
+    weight_grad = _weight_grad_kernel(
         grad.reshape(1, batch * grad.shape[1], *grad.shape[2:]),
         x.reshape(1, batch * x.shape[1], *x.shape[2:]),
-        shape_only,
-        None,
-        list(conv.stride),
-        padding,
-        list(conv.dilation),
-        False,
-        [0] * len(conv.kernel_size),
-        batch * conv.groups,
-        [False, True, False],
+        conv,
+        [batch * weight_shape[0], *weight_shape[1:]],
+        groups=batch * conv.groups,
     )
     return weight_grad.view(batch, *weight_shape)
 
@@ -203,20 +190,32 @@ def weighted_conv_weight_grad(
     scaled = scale_samples(grad, factors, sanitize)
     if sanitize:
         x = scale_samples(x, (factors != 0).to(x.dtype), sanitize=True)
+    return _weight_grad_kernel(scaled, x, conv, list(conv.weight.shape), groups=conv.groups)
+
+
+def _weight_grad_kernel(
+    grad: Tensor, x: Tensor, conv: ConvNd, weight_shape: list[int], groups: int
+) -> Tensor:
+    """The weight gradient of ``conv``'s convolution (its stride, padding and dilation) with
+    ``groups`` groups of ``x``, given the output gradient ``grad``: autograd's own kernel.
+
+    Only the weight's shape is read, so a zero-stride view stands in for it (the kernel still
+    makes it contiguous internally, a temporary the size of ``weight_shape``).
+    """
     padding = _explicit_padding(conv)
     if padding is None:
         x, padding = _padded_input(x, conv), [0] * len(conv.kernel_size)
     _, weight_grad, _ = torch.ops.aten.convolution_backward(
-        scaled,
+        grad,
         x,
-        x.new_empty(()).expand(conv.weight.shape),  # only its shape is read
+        x.new_empty(()).expand(weight_shape),
         None,
         list(conv.stride),
         padding,
         list(conv.dilation),
         False,
         [0] * len(conv.kernel_size),
-        conv.groups,
+        groups,
         [False, True, False],
     )
     return weight_grad
