@@ -56,3 +56,14 @@ def test_terms_that_read_the_same_input_share_its_gram() -> None:
     assert len(grams) == 4
     for term, norm_sq in zip(terms, shared, strict=True):
         torch.testing.assert_close(norm_sq, term.inner(term))
+
+
+def test_a_gram_used_once_is_not_kept() -> None:
+    """Given the step's factors, only those occurring twice are cached: a Gram used by one
+    term is freed after its use rather than held until the step's last norm."""
+    shared, alone = torch.randn(3, 1, 5, 8), torch.randn(3, 1, 5, 8)
+    grams, calls = RowGrams([shared, shared, alone]), []
+    first = _counting(grams, shared, calls)
+    assert _counting(grams, shared, calls) is first
+    _counting(grams, alone, calls)
+    assert len(calls) == 2 and len(grams) == 1

@@ -29,7 +29,13 @@ from dptorch.per_sample.rules import (
     owned_parameters,
     rule_for,
 )
-from dptorch.per_sample.terms import GradTerm, NormRoute, combined_norm_sq, merge_positions
+from dptorch.per_sample.terms import (
+    GradTerm,
+    NormRoute,
+    OuterTerm,
+    combined_norm_sq,
+    merge_positions,
+)
 
 LossReduction = Literal["mean", "sum"]
 
@@ -261,7 +267,8 @@ class PerSampleEngine:
             by_param = {p: [group_rows(t, multiplicity) for t in ts] for p, ts in by_param.items()}
         device = self._ordered[0].device if self._ordered else torch.device("cpu")
         dtype = torch.float64 if self._any_double() else torch.float32
-        grams = RowGrams()  # layers sharing an output gradient share its Gram
+        # Layers sharing an output gradient or an input share its Gram.
+        grams = RowGrams(_dense_factors(by_param))
         param_norm_sq = {
             param: combined_norm_sq(terms, self.norm_route, grams=grams).to(dtype)
             for param, terms in by_param.items()
@@ -438,6 +445,16 @@ def _redraws_randomness(module: nn.Module) -> bool:
     return any(
         isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0 for sub in module.modules()
     )
+
+
+def _dense_factors(by_param: dict[Tensor, list[GradTerm]]) -> Iterable[Tensor]:
+    """Every dense factor (rows and cols) of the step's outer-product terms."""
+    for terms in by_param.values():
+        for term in terms:
+            if isinstance(term, OuterTerm):
+                if isinstance(term.rows, Tensor):
+                    yield term.rows
+                yield term.cols
 
 
 def _sum_terms(terms: list[GradTerm], weights: Tensor | None, sanitize: bool) -> Tensor:

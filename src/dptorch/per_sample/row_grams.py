@@ -10,7 +10,7 @@ Gram the same way (the ``q``, ``k`` and ``v`` projections of a self-attention la
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from torch import Tensor
 
@@ -24,10 +24,23 @@ class RowGrams:
     entry keeps its ``rows`` alive, so its memory cannot be reused by another tensor while
     the cache exists, and an in-place change of the rows since (a new version) is a miss.
     Make one per step: nothing is ever evicted.
+
+    Args:
+        factors: every factor of the step's terms, if known: then only the Grams of factors
+            that occur more than once are kept (a Gram used once is freed after its use
+            instead of being held until the last norm of the step is taken). ``None`` keeps
+            every Gram.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, factors: Iterable[Tensor] | None = None) -> None:
         self._grams: dict[_Key, tuple[Tensor, int, Tensor]] = {}
+        self._shared: set[_Key] | None = None
+        if factors is not None:
+            seen: set[_Key] = set()
+            self._shared = set()
+            for factor in factors:
+                key = _key(factor)
+                (self._shared if key in seen else seen).add(key)
 
     def __len__(self) -> int:
         """How many Grams it holds."""
@@ -35,16 +48,22 @@ class RowGrams:
 
     def self_gram(self, rows: Tensor, compute: Callable[[], Tensor]) -> Tensor:
         """``compute()``, or its result from an earlier call on the same rows."""
-        key = (
-            rows.data_ptr(),
-            tuple(rows.shape),
-            tuple(rows.stride()),
-            str(rows.dtype),
-            str(rows.device),
-        )
+        key = _key(rows)
+        if self._shared is not None and key not in self._shared:
+            return compute()
         hit = self._grams.get(key)
         if hit is not None and hit[1] == rows._version:
             return hit[2]
         gram = compute()
         self._grams[key] = (rows, rows._version, gram)
         return gram
+
+
+def _key(factor: Tensor) -> _Key:
+    return (
+        factor.data_ptr(),
+        tuple(factor.shape),
+        tuple(factor.stride()),
+        str(factor.dtype),
+        str(factor.device),
+    )
