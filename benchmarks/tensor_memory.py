@@ -12,7 +12,7 @@ weights and the data are not counted, but everything a step allocates, gradients
 state and buffers kept across steps included).
 
 The events are read from ``prof.profiler.kineto_results.experimental_event_tree()``, an
-experimental torch interface (present in torch 2.4 to 2.13); if it changes, the worker
+experimental torch interface (used here with torch 2.13); if it changes, the worker
 records ``tensor_peak_error`` instead of a number.
 
 Frees of blocks allocated before the profiler started are not reported by the profiler, so
