@@ -242,6 +242,12 @@ CASES: list[LayerCase] = [
         _randn(4, 8, 7),
     ),
     LayerCase("conv2d_called_twice", ConvTwice, _randn(2, 5, 5)),
+    # The first layer's output starts the graph; in-place ops on it must stay allowed.
+    LayerCase(
+        "conv2d_first_then_inplace_relu",
+        _seq(lambda: nn.Conv2d(2, 3, 3), lambda: nn.ReLU(inplace=True), nn.Flatten),
+        _randn(2, 5, 5),
+    ),
     LayerCase("conv2d_same", lambda: nn.Conv2d(2, 3, 4, padding="same"), _randn(2, 6, 5)),
     LayerCase(
         "conv2d_valid_depthwise",
@@ -262,6 +268,11 @@ CASES: list[LayerCase] = [
         "conv3d", lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1), _randn(2, 4, 4, 3)
     ),
     LayerCase("embedding", lambda: nn.Embedding(9, 4), _tokens(9, 6)),
+    LayerCase(
+        "embedding_then_inplace_tanh",
+        _seq(lambda: nn.Embedding(9, 4), lambda: nn.Hardtanh(-0.5, 0.5, inplace=True)),
+        _tokens(9, 6),
+    ),
     LayerCase("embedding_padding_idx", lambda: nn.Embedding(5, 4, padding_idx=0), _tokens(5, 8)),
     LayerCase(
         "embedding_1d_input", lambda: nn.Embedding(7, 3), lambda b: torch.randint(0, 7, (b,))

@@ -5,8 +5,9 @@ ordinary ``p.grad`` that autograd would also compute in the user's backward pass
 released. So for the duration of each forward call of such a layer, its trainable parameters
 are replaced (in ``module._parameters``) by detached aliases of the same storage: autograd
 then computes only input gradients. When nothing upstream needs gradients (the first layer,
-an embedding), the layer's output is made a fresh leaf that requires grad, so its output
-gradient is still captured and nothing is spent differentiating towards the input.
+an embedding), the layer's output is given a graph node of its own (:func:`start_graph_at`),
+so its output gradient is still captured and nothing is spent differentiating towards the
+input.
 
 The originals are restored by an always-called forward hook, so the module looks unchanged
 outside its own forward, also after an exception. A parameter that still receives ``.grad``
@@ -94,7 +95,43 @@ class ParameterGradSkipper:
                 and output.is_floating_point()
             ):
                 # Nothing upstream needs gradients: start the graph here.
-                return output.detach().requires_grad_(True)
+                return start_graph_at(output)
             return None
 
         return restore
+
+
+class _GraphStart(torch.autograd.Function):
+    """Identity on ``tensor`` that gives it a ``grad_fn``, so gradients reach its hooks.
+
+    ``anchor`` is an empty tensor that requires grad (the node's reason to exist); the
+    backward returns no gradient for either input, so nothing is spent past this node.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, anchor: Tensor, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        # Marked dirty and returned as is: the output IS ``tensor`` (no copy), now a
+        # non-leaf, so in-place operations on it (``ReLU(inplace=True)``) are allowed.
+        ctx.mark_dirty(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None]:  # type: ignore[override]
+        return None, None
+
+
+def start_graph_at(output: Tensor) -> Tensor:
+    """``output`` (which needs no gradient) as the first node of a graph that requires grad.
+
+    Why not ``output.detach().requires_grad_()``: a leaf that requires grad refuses in-place
+    operations (a first ``Conv2d`` followed by ``ReLU(inplace=True)`` failed), its
+    ``AccumulateGrad`` node holds it until the backward pass reaches the node (plain
+    training frees a first convolution's output once the next layer has read it: 3 MB of
+    the benchmark CNN's peak), and its ``.grad`` kept a copy of the output gradient.
+    """
+    if output._is_view():
+        # Marking a view dirty would rewrite its base's history; a fresh tensor has none.
+        output = output.clone()
+    anchor = torch.empty(0, dtype=output.dtype, device=output.device, requires_grad=True)
+    result: Tensor = _GraphStart.apply(anchor, output)
+    return result
