@@ -358,3 +358,65 @@ def test_released_gradient_is_the_seeded_noise_plus_the_normalised_clipped_sum()
     for param, drawn in zip(params, noise.split([p.numel() for p in params]), strict=True):
         expected = drawn.view(param.shape) + sums[param] / divisor
         torch.testing.assert_close(param.grad, expected)
+
+
+# --- the release buffer is reused, never under a gradient the user still holds -----------
+
+
+def _release(model: nn.Module, optimizer: DPOptimizer, batch: tuple[torch.Tensor, ...]) -> None:
+    x, y = batch
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+def test_release_reuses_its_buffer_once_zero_grad_dropped_the_gradients() -> None:
+    model = _model()
+    _, optimizer, _ = _private(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    batch = _fixed_batch()
+    _release(model, optimizer, batch)
+    first = next(model.parameters()).grad
+    assert first is not None
+    storage = first.untyped_storage().data_ptr()
+    del first
+    optimizer.zero_grad()  # set_to_none: nothing views the buffer any more
+    _release(model, optimizer, batch)
+    second = next(model.parameters()).grad
+    assert second is not None and second.untyped_storage().data_ptr() == storage
+
+
+@pytest.mark.parametrize("how", ["user holds a gradient", "zero_grad(set_to_none=False)"])
+def test_release_never_overwrites_a_gradient_still_held(how: str) -> None:
+    model = _model()
+    _, optimizer, _ = _private(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    batch = _fixed_batch()
+    _release(model, optimizer, batch)
+    held = [p.grad for p in model.parameters()]
+    values = [g.clone() for g in held if g is not None]
+    optimizer.zero_grad(set_to_none=how == "user holds a gradient")
+    if how == "zero_grad(set_to_none=False)":
+        values = [torch.zeros_like(v) for v in values]  # zeroed in place, as torch does
+    _release(model, optimizer, batch)
+    assert all(torch.equal(g, v) for g, v in zip(held, values, strict=True))
+    assert all(p.grad is not g for p, g in zip(model.parameters(), held, strict=True))
+
+
+def test_reused_and_fresh_release_buffers_give_the_same_gradients() -> None:
+    """Drawing into the kept buffer or into fresh memory is the same draw from the same
+    generator, so a seeded run does not depend on whether the user kept last step's grads."""
+    batch = _fixed_batch()
+    runs = []
+    for keep_grads in (False, True):
+        model = _model()
+        _, optimizer, _ = _private(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        kept, grads = [], []
+        for _ in range(3):
+            optimizer.zero_grad()
+            _release(model, optimizer, batch)
+            step_grads = [p.grad for p in model.parameters()]
+            grads.append([g.clone() for g in step_grads if g is not None])
+            if keep_grads:
+                kept.append(step_grads)
+            del step_grads
+        runs.append(grads)
+    for reused, fresh in zip(*runs, strict=True):
+        assert _equal(reused, fresh)

@@ -24,6 +24,7 @@ from dptorch.distributed import GradientSync
 from dptorch.errors import DPTypeError, DPValueError, DPWarning, TrainingLoopError
 from dptorch.fsdp import ShardedGradientSync
 from dptorch.noise import gaussian_noise, noise_dtype, secure_grid, snap_to_grid
+from dptorch.optimizers.release_buffers import ReleaseBuffers
 from dptorch.per_sample.engine import ClippedBatch, ClipPlan, LossReduction, PerSampleEngine
 from dptorch.secure_random import SecureRandom
 from dptorch.validation import check_noise_multiplier, check_positive_number
@@ -116,6 +117,7 @@ class DPOptimizer(Optimizer):
         self._pending: ClippedBatch | None = None
         self._accumulating = False
         self._secure_buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._release_buffers = ReleaseBuffers()
         self.logical_steps = 0
         # Set by make_private(distributed=True): sums the noisy release over the ranks, with
         # noise drawn on one rank only (see dptorch.distributed.GradientSync).
@@ -341,7 +343,8 @@ class DPOptimizer(Optimizer):
         divisor = self._divisor()
         # (noise + sum) / divisor computed as noise' + sum / divisor with noise' drawn at std
         # sigma C / divisor, and each sum accumulated into the noise by its own contraction
-        # (no sum tensor, no extra pass): p.grad is a view of the one noise buffer.
+        # (no sum tensor, no extra pass): p.grad is a view of the one noise buffer, which
+        # the next release draws into again once those views are gone (ReleaseBuffers).
         std = self._release_std()
         release_std = std  # the grid of secure mode follows the noise actually released
         sync = self.gradient_sync
@@ -360,13 +363,17 @@ class DPOptimizer(Optimizer):
         scale = 1.0 / (divisor * unit)
         for (device, dtype), members in groups.items():
             sizes = [p.numel() for p in members]
+            if grid is not None:
+                out = self._secure_work_buffer(device, dtype, sum(sizes))
+            else:
+                out = self._release_buffers.reusable((device, dtype), sum(sizes))
             flat = gaussian_noise(
                 torch.Size([sum(sizes)]),
                 std=std / unit,
                 dtype=dtype,
                 device=device,
                 generator=self.generator,
-                out=self._secure_work_buffer(device, dtype, sum(sizes)) if grid else None,
+                out=out,
             )
             for param, noise in zip(members, flat.split(sizes), strict=True):
                 view = noise.view(param.shape)
@@ -378,9 +385,14 @@ class DPOptimizer(Optimizer):
                 sync.sum_(flat)  # one collective per group, in the same order on every rank
             if grid is not None:
                 flat = snap_to_grid(flat, grid, dtype)
+            released: list[Tensor] = []
             for param, noisy in zip(members, flat.split(sizes), strict=True):
-                param.grad = noisy.view(param.shape).to(param.dtype)
-                self.engine.note_released(param, param.grad)
+                grad = noisy.view(param.shape).to(param.dtype)
+                param.grad = grad
+                self.engine.note_released(param, grad)
+                released.append(grad)
+            if grid is None:
+                self._release_buffers.keep((device, dtype), flat, released)
 
     def _secure_work_buffer(
         self, device: torch.device, dtype: torch.dtype, numel: int
