@@ -420,3 +420,15 @@ def test_reused_and_fresh_release_buffers_give_the_same_gradients() -> None:
         runs.append(grads)
     for reused, fresh in zip(*runs, strict=True):
         assert _equal(reused, fresh)
+
+
+def test_release_buffers_are_kept_on_the_cpu_only() -> None:
+    from dptorch.optimizers.release_buffers import ReleaseBuffers
+
+    buffers = ReleaseBuffers()
+    for device in ("cpu", "meta"):  # meta stands in for an accelerator here
+        key = (torch.device(device), torch.float32)
+        buffer = torch.empty(6, device=device)
+        buffers.keep(key, buffer, [])
+        kept = buffers.reusable(key, 6)
+        assert (kept is buffer) == (device == "cpu")

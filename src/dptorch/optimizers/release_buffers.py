@@ -9,6 +9,13 @@ every gradient handed out from it has died (``optimizer.zero_grad()``, which set
 ``None``, is the usual way): a gradient the user still holds is never overwritten. While any
 is alive, the next release gets a fresh buffer and the old one is left to its holders.
 
+The price is memory: the buffer (one value per trainable coordinate) stays allocated through
+the next forward and backward pass, as ``zero_grad(set_to_none=False)`` would keep the
+gradients (on the benchmark transformer, the live-tensor peak rose from 116 to 132 MB, the
+GPT block's from 270 to 293 MB, the resident set did not grow). So buffers are kept on the
+CPU only, where the page faults are; CUDA's caching allocator already hands a freed block
+back to the next allocation of its size without that cost.
+
 Privacy: none at stake. The buffer's old contents are overwritten by a full noise draw
 before anything is added, so no value of an earlier step can reach a later release.
 """
@@ -42,5 +49,7 @@ class ReleaseBuffers:
         return buffer
 
     def keep(self, key: GroupKey, buffer: Tensor, handed_out: list[Tensor]) -> None:
-        """Remember ``buffer`` and the gradients released from it (weakly)."""
+        """Remember ``buffer`` and the gradients released from it (weakly); CPU only."""
+        if buffer.device.type != "cpu":
+            return
         self._buffers[key] = (buffer, [weakref.ref(grad) for grad in handed_out])
