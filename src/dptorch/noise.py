@@ -145,8 +145,13 @@ def secure_grid(std: float, generator: torch.Generator | SecureRandom | None) ->
     return noise_grid(std)
 
 
-def snap_to_grid(released_units: Tensor, grid: float, dtype: torch.dtype) -> Tensor:
+def snap_to_grid(
+    released_units: Tensor, grid: float, dtype: torch.dtype, out: Tensor | None = None
+) -> Tensor:
     """``grid * round(released_units)`` in ``dtype``; ``released_units`` is overwritten.
+
+    ``out``: where to write the result when ``dtype`` is not ``released_units``'s own (a
+    buffer reused across steps); by default a new tensor.
 
     The secure release computed in grid units (noise of std ``std / grid`` plus the sum
     divided by ``grid``, in float64), rounded to integers and scaled back: the same values
@@ -157,7 +162,12 @@ def snap_to_grid(released_units: Tensor, grid: float, dtype: torch.dtype) -> Ten
     mixed-dtype path, 0.54 against 0.13 + 0.19 ms for 670k values on 2 threads.)
     """
     scaled = released_units.round_().mul_(grid)
-    return scaled if scaled.dtype == dtype else scaled.to(dtype)
+    if scaled.dtype == dtype:
+        return scaled
+    if out is None:
+        return scaled.to(dtype)
+    _check_buffer(out, scaled.shape, dtype, scaled.device)
+    return out.view(scaled.shape).copy_(scaled)
 
 
 def _secure_noise(

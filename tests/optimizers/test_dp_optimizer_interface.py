@@ -432,3 +432,34 @@ def test_release_buffers_are_kept_on_the_cpu_only() -> None:
         buffers.keep(key, buffer, [])
         kept = buffers.reusable(key, 6)
         assert (kept is buffer) == (device == "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_secure_release_reuses_its_buffer_and_never_overwrites_a_held_gradient(
+    dtype: torch.dtype,
+) -> None:
+    pytest.importorskip("cryptography")
+    model = _model().to(dtype)
+    _, optimizer, _ = PrivacyEngine(secure_mode=True).make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=_loader(),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    x, y = _fixed_batch()
+    batch = (x.to(dtype), y)
+    _release(model, optimizer, batch)
+    held = next(model.parameters()).grad
+    assert held is not None
+    value = held.clone()
+    optimizer.zero_grad()  # the user still holds `held`: the next release must not reuse it
+    _release(model, optimizer, batch)
+    assert torch.equal(held, value)
+    del held
+    optimizer.zero_grad()
+    _release(model, optimizer, batch)  # draws into the buffer the second release made
+    storage = next(model.parameters()).grad.untyped_storage().data_ptr()
+    optimizer.zero_grad()
+    _release(model, optimizer, batch)
+    assert next(model.parameters()).grad.untyped_storage().data_ptr() == storage
