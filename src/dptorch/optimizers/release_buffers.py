@@ -16,8 +16,9 @@ GPT block's from 270 to 293 MB, the resident set did not grow). So buffers are k
 CPU only, where the page faults are; CUDA's caching allocator already hands a freed block
 back to the next allocation of its size without that cost.
 
-Privacy: none at stake. The buffer's old contents are overwritten by a full noise draw
-before anything is added, so no value of an earlier step can reach a later release.
+Privacy: none at stake. Every coordinate of a reused buffer is overwritten before anything
+is added (by the noise draw, zeros where the std is 0, or secure mode's snapped release), so
+no value of an earlier step can reach a later release.
 """
 
 from __future__ import annotations

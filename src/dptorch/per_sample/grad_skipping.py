@@ -127,7 +127,7 @@ def start_graph_at(output: Tensor) -> Tensor:
     operations (a first ``Conv2d`` followed by ``ReLU(inplace=True)`` failed), its
     ``AccumulateGrad`` node holds it until the backward pass reaches the node (plain
     training frees a first convolution's output once the next layer has read it: 3 MB of
-    the benchmark CNN's peak), and its ``.grad`` kept a copy of the output gradient.
+    the benchmark CNN's peak), and its ``.grad`` held the output gradient once more.
     """
     if output._is_view():
         # Marking a view dirty would rewrite its base's history; a fresh tensor has none.
