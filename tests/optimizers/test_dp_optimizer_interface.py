@@ -463,3 +463,24 @@ def test_secure_release_reuses_its_buffer_and_never_overwrites_a_held_gradient(
     optimizer.zero_grad()
     _release(model, optimizer, batch)
     assert next(model.parameters()).grad.untyped_storage().data_ptr() == storage
+
+
+def test_a_reused_buffer_keeps_nothing_of_the_last_step_without_noise() -> None:
+    """noise_multiplier 0 draws zeros into the reused buffer: the second release is the
+    clipped sum alone, as the first was, not the sum added to what the buffer held."""
+    model = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # noise 0: "not private"
+        _, optimizer, _ = PrivacyEngine().make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+            data_loader=_loader(),
+            noise_multiplier=0.0,
+            max_grad_norm=1.0,
+        )
+    batch = _fixed_batch()
+    _release(model, optimizer, batch)
+    first = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    optimizer.zero_grad()
+    _release(model, optimizer, batch)  # lr 0: same weights, same batch, same sum
+    assert _equal([p.grad for p in model.parameters() if p.grad is not None], first)
