@@ -193,3 +193,24 @@ def test_recomputed_conv_term_drops_a_nonfinite_example() -> None:
     expected = ALPHA * DenseTerm(conv.weight, grads[1:]).weighted_sum(factors[1:])
     torch.testing.assert_close(out, expected)
     assert not torch.isfinite(term.weighted_sum(factors)).all()  # unsanitised: poisoned
+
+
+@pytest.mark.parametrize("sanitize", [False, True])
+def test_index_rows_add_into_a_float64_buffer_row_by_row(sanitize: bool) -> None:
+    """Secure mode's float64 release: an embedding's rows are index-added into the buffer
+    (converted), not summed densely in float32 and added; same values, to float32 rounding."""
+    term = _index_term()
+    if sanitize:
+        term.cols[1] = float("nan")
+    factors = torch.rand(B, generator=torch.Generator().manual_seed(1))
+    if sanitize:
+        factors[1] = 0.0
+    start = torch.randn(term.param.shape, generator=torch.Generator().manual_seed(2))
+    out = start.double()
+    term.add_weighted_sum_(out, factors, ALPHA, sanitize=sanitize)
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    expected = start.double() + ALPHA * term.weighted_sum(factors, sanitize=sanitize).double()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    if not sanitize:
+        oracle = start.double() + ALPHA * _one_at_a_time(term, factors).double()
+        torch.testing.assert_close(out, oracle, rtol=1e-6, atol=1e-6)

@@ -280,15 +280,21 @@ class OuterTerm:
             dense = DenseTerm(self.param, self._instantiated)
             dense.add_weighted_sum_(out, factors, alpha, sanitize)
             return
+        if isinstance(self.rows, IndexRows) and _scatters_into(out, self.cols):
+            # Index rows touch only the B*T rows their indices name: those are added into
+            # ``out`` as they are, converted to its dtype if it differs (secure mode's float64
+            # release), instead of forming a dense [vocab, C] sum and adding all of it.
+            rows, cols = self._scaled_factors(factors, sanitize)
+            assert isinstance(rows, IndexRows)
+            flat = _valid_cols(rows, cols).to(out.dtype)
+            index = rows.index.clamp(min=0).reshape(-1)
+            out.view(rows.size, -1).index_add_(0, index, flat, alpha=alpha)
+            return
         if sanitize or not _writes_into(out, self.cols):
             out.add_(self.weighted_sum(factors, sanitize), alpha=alpha)
             return
         rows, cols = self._scaled_factors(factors, sanitize=False)
-        if isinstance(rows, IndexRows):
-            flat = _valid_cols(rows, cols)
-            index = rows.index.clamp(min=0).reshape(-1)
-            out.view(rows.size, -1).index_add_(0, index, flat, alpha=alpha)
-            return
+        assert isinstance(rows, Tensor)  # index rows were added above
         flat_rows, flat_cols = _contraction_operands(rows, cols)
         out.view(flat_rows.shape[0], flat_rows.shape[1], -1).baddbmm_(
             flat_rows, flat_cols, alpha=alpha
@@ -356,6 +362,12 @@ def _writes_into(out: Tensor, operand: Tensor) -> bool:
     device, and ``out`` one contiguous block (a view of a release buffer). Otherwise the sum
     is formed in the operand's dtype and added, as without fusion (mixed precision)."""
     return out.dtype == operand.dtype and out.device == operand.device and out.is_contiguous()
+
+
+def _scatters_into(out: Tensor, operand: Tensor) -> bool:
+    """Whether rows of ``operand`` can be index-added into ``out`` in place: same device and
+    ``out`` one contiguous block; the dtype may differ (the few rows are converted)."""
+    return out.device == operand.device and out.is_contiguous()
 
 
 def _valid_cols(rows: IndexRows, cols: Tensor) -> Tensor:
