@@ -159,3 +159,31 @@ def test_fallback_module_with_a_ruled_child_matches_the_oracle() -> None:
     engine.detach()
     for name, param in model.named_parameters():
         torch.testing.assert_close(clipped.sums[param], expected[name], msg=name)
+
+
+def test_compiled_model_with_an_in_place_op_after_the_first_layer_matches_eager() -> None:
+    # Under torch.compile the graph start copies instead of returning its input as is (a
+    # compiled graph refuses in-place ops on an input returned as is); same gradients.
+    def released(compiled: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(1, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(3 * 36, 2)
+        )
+        data = TensorDataset(torch.zeros(40, 1))
+        _, optimizer, _ = PrivacyEngine().make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+            data_loader=DataLoader(data, batch_size=8),
+            noise_multiplier=0.0,
+            max_grad_norm=0.5,
+        )
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        run(x).square().sum().backward()
+        optimizer.step()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    eager, compiled = released(False), released(True)
+    assert len(eager) == len(compiled) == 4
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b)

@@ -110,6 +110,10 @@ class _GraphStart(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, anchor: Tensor, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        if torch.compiler.is_compiling():
+            # A compiled graph treats an input returned as is as a view of it, and refuses
+            # in-place operations on such views; a copy is an output of its own.
+            return tensor.clone()
         # Marked dirty and returned as is: the output IS ``tensor`` (no copy), now a
         # non-leaf, so in-place operations on it (``ReLU(inplace=True)``) are allowed.
         ctx.mark_dirty(tensor)
