@@ -17,14 +17,16 @@ from dptorch.per_sample.engine import PerSampleEngine
 from dptorch.per_sample.grad_skipping import start_graph_at
 
 
-def _private(model: nn.Module) -> torch.optim.Optimizer:
+def _private(
+    model: nn.Module, noise_multiplier: float = 1.0, max_grad_norm: float = 1.0
+) -> torch.optim.Optimizer:
     data = TensorDataset(torch.zeros(40, 1))
     _, optimizer, _ = PrivacyEngine().make_private(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader=DataLoader(data, batch_size=8),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
     )
     return optimizer
 
@@ -169,14 +171,7 @@ def test_compiled_model_with_an_in_place_op_after_the_first_layer_matches_eager(
         model = nn.Sequential(
             nn.Conv2d(1, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(3 * 36, 2)
         )
-        data = TensorDataset(torch.zeros(40, 1))
-        _, optimizer, _ = PrivacyEngine().make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-            data_loader=DataLoader(data, batch_size=8),
-            noise_multiplier=0.0,
-            max_grad_norm=0.5,
-        )
+        optimizer = _private(model, noise_multiplier=0.0, max_grad_norm=0.5)
         run = torch.compile(model, backend="aot_eager") if compiled else model
         x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
         run(x).square().sum().backward()
