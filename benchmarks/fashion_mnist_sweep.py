@@ -55,7 +55,10 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(recipe.MODELS), default="tanh-cnn")
     parser.add_argument("--dataset", choices=recipe.DATASETS, default="fashion-mnist")
     parser.add_argument(
-        "--augmentations", type=int, default=1, help="augmentation multiplicity K (shift/flip)"
+        "--augmentations",
+        type=int,
+        default=1,
+        help="augmentation multiplicity K (shifts; flips too on Fashion-MNIST)",
     )
     parser.add_argument("--feature-norm", choices=["group", "private"], default="group")
     parser.add_argument("--norm-noise", type=float, default=8.0)
@@ -73,7 +76,8 @@ def main() -> None:
     prior = recipe.apply_prior(model, args) if args.prior != "none" else None
     collate = None
     if args.augmentations > 1:  # K views per example, averaged before clipping
-        train = AugmentationMultiplicity(train, recipe.augment, args.augmentations)
+        views = recipe.AUGMENTATIONS[args.dataset]  # shifts, and flips for Fashion-MNIST
+        train = AugmentationMultiplicity(train, views, args.augmentations)
         collate = flatten_views
     engine = PrivacyEngine()
     if args.feature_norm == "private":  # accounted: recorded on the engine's accountant

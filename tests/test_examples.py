@@ -98,6 +98,25 @@ def test_fashion_mnist_recipe_runs(monkeypatch: pytest.MonkeyPatch, extra: list[
         assert 2.5 < result["epsilon"] <= 3.0 + 1e-6
 
 
+def test_fashion_mnist_recipe_never_mirrors_a_digit() -> None:
+    """MNIST's augmented views are shifts only (a mirrored 2 is no 2); Fashion-MNIST's may
+    also be mirrored. An asymmetric image tells them apart: a shift keeps its left-right
+    order, a flip reverses it."""
+    recipe = _load("fashion_mnist_recipe")
+    image = torch.zeros(1, 28, 28)
+    image[:, 10:18, 6] = 1.0  # a bar on the left ...
+    image[:, 14, 6:12] = 0.5  # ... and a fainter arm to its right
+
+    def mirrored(view: torch.Tensor) -> bool:
+        bar = int(view[0].amax(dim=0).eq(1.0).nonzero()[0])
+        arm = int(view[0].amax(dim=0).eq(0.5).nonzero().max())
+        return arm < bar
+
+    torch.manual_seed(0)
+    assert not any(mirrored(recipe.AUGMENTATIONS["mnist"](image)) for _ in range(50))
+    assert any(mirrored(recipe.AUGMENTATIONS["fashion-mnist"](image)) for _ in range(50))
+
+
 def test_fashion_mnist_recipe_prior_changes_neither_sigma_nor_epsilon(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
