@@ -80,6 +80,21 @@ def tanh_cnn() -> nn.Module:
     )
 
 
+def tanh_cnn_linear_head() -> nn.Module:
+    """The same convolutions with a linear read-out instead of the 512 -> 32 -> 10 head:
+    14k parameters instead of 26k, so the noise of each step has 45% fewer coordinates."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 8, stride=2, padding=3),  # [B, 16, 14, 14]
+        nn.Tanh(),
+        nn.MaxPool2d(2, 1),  # [B, 16, 13, 13]
+        nn.Conv2d(16, 32, 4, stride=2),  # [B, 32, 5, 5]
+        nn.Tanh(),
+        nn.MaxPool2d(2, 1),  # [B, 32, 4, 4]
+        nn.Flatten(),
+        nn.Linear(512, 10),
+    )
+
+
 def group_norm_cnn() -> nn.Module:
     """A wider CNN with GroupNorm (the recipe's first attempt; slower and, at the same
     epsilon, less accurate on the validation split: see the module docstring)."""
@@ -125,6 +140,7 @@ def scatter_cnn() -> nn.Module:
 
 MODELS = {
     "tanh-cnn": tanh_cnn,
+    "tanh-cnn-linear-head": tanh_cnn_linear_head,
     "group-norm-cnn": group_norm_cnn,
     "scatter-linear": scatter_linear,
     "scatter-cnn": scatter_cnn,
@@ -472,7 +488,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.prior != "none" and args.model in ON_SCATTERING:
         parser.error(
             f"--prior {args.prior} pretrains convolutions on images, but --model {args.model} "
-            "reads fixed scattering features; use it with tanh-cnn or group-norm-cnn."
+            "reads fixed scattering features; use it with a CNN (tanh-cnn, tanh-cnn-linear-head, group-norm-cnn)."
         )
     if args.smoke:
         args.epochs, args.batch_size, args.physical_batch, args.eval_every = 1, 256, 128, 1

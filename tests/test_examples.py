@@ -80,6 +80,7 @@ def _fake_fashion_mnist() -> tuple[TensorDataset, TensorDataset]:
         # ... normalised by privately released channel statistics (counted in epsilon)
         ["--model", "scatter-linear", "--feature-norm", "private"],
         ["--prior", "dead-leaves"],  # convolutions pretrained on synthetic images
+        ["--model", "tanh-cnn-linear-head", "--prior", "dead-leaves"],
     ],
 )
 def test_fashion_mnist_recipe_runs(monkeypatch: pytest.MonkeyPatch, extra: list[str]) -> None:
