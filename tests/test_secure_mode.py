@@ -354,7 +354,7 @@ def test_the_release_buffer_is_reused_and_never_handed_out() -> None:
         (0.0 * module(torch.randn(BATCH, 100)).sum()).backward()
         optimizer.step()
         released.append(module.weight.grad)
-    (buffer,) = optimizer._secure_buffers.values()
+    (buffer,) = optimizer._release_buffers.secure_work_buffers()
     assert buffer.dtype == torch.float64 and buffer.numel() == 100 * 100
     first, second = released
     assert first is not None and second is not None
