@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 # Python trees to lint (README's code blocks are checked by its own tests, not by ruff format).
-LINT_PATHS := src tests $(wildcard benchmarks examples)
+LINT_PATHS := src tests setup.py $(wildcard benchmarks examples)
 
 .PHONY: venv demo lint test test-slow bench-accounting mnist
 
@@ -17,7 +17,7 @@ venv: $(STAMP)
 # tests read; --no-deps skips its large dependency tree (pandas, matplotlib, scikit-learn).
 # The optional integrations (Hugging Face transformers/peft, TensorBoard) are installed too,
 # so their tests run here and in CI instead of skipping.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/dptorch/_gaussian_kernel.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install torch==2.13.0
 	$(BIN)/python -m pip install -e '.[test,hf,tensorboard]'

@@ -2,9 +2,11 @@
 
 Privacy: noise of standard deviation ``noise_multiplier * sensitivity`` is drawn once per
 logical step for every released coordinate, in float32 or better (float64 parameters get
-float64 noise), from ``generator`` (the global torch generator when ``None``). Large CPU
-draws are split across threads with sub-generators seeded from ``generator``; the noise is
-still a deterministic function of that generator's state.
+float64 noise), seeded by ``generator`` (the global torch generator when ``None``). float32
+noise on the CPU comes from the compiled sampler of :mod:`dptorch.cpu_sampler` where it was
+built (seeds drawn from ``generator``), else from torch; large CPU draws are split across
+threads, each chunk with a seed drawn from ``generator``. Either way the noise is a
+deterministic function of that generator's state.
 
 Secure mode (``generator`` a :class:`~dptorch.secure_random.SecureRandom`): the noise comes
 from a CSPRNG, in float64, and :func:`round_to_noise_grid_` rounds each released value
@@ -25,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from dptorch.cpu_sampler import kernel_normal_, uses_kernel
 from dptorch.errors import DPValueError
 from dptorch.secure_random import SecureRandom
 
@@ -70,15 +73,49 @@ def gaussian_noise(
     if std == 0:
         return out.zero_()
     workers = _parallel_workers(out)
+    if uses_kernel(out):
+        return _kernel_normal_(out.view(-1), std, generator, workers).view(shape)
     if workers < 2:
         return out.normal_(mean=0.0, std=std, generator=generator)
     return _parallel_normal_(out.view(-1), std, generator, workers).view(shape)
 
 
-# Below this many coordinates one generator is fast enough; above it, CPU noise drawing is a
+# Below this many coordinates one thread is fast enough; above it, CPU noise drawing is a
 # visible part of a step (mt19937 is serial: ~3 ns per draw) and is split across threads.
 _PARALLEL_MIN_NUMEL = 1 << 18
 _pool: ThreadPoolExecutor | None = None
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dptorch-noise")
+    return _pool
+
+
+def _chunk_seeds(generator: torch.Generator | None, workers: int) -> list[int]:
+    """63-bit seeds for ``workers`` chunks, drawn from ``generator`` (or the global one)."""
+    return torch.randint(0, 2**63 - 1, (workers,), generator=generator, dtype=torch.int64).tolist()
+
+
+def _kernel_normal_(
+    flat: Tensor, std: float, generator: torch.Generator | None, workers: int
+) -> Tensor:
+    """Fill ``flat`` (float32, CPU) from the compiled kernel, one seed per chunk of ``workers``.
+
+    The seeds come from ``generator``, so the result is a deterministic function of its state.
+    """
+    chunks = flat.chunk(workers)
+    seeds = _chunk_seeds(generator, len(chunks))
+    if len(chunks) == 1:
+        return kernel_normal_(flat, std, seeds[0])
+    jobs = [
+        _thread_pool().submit(kernel_normal_, chunk, std, seed)
+        for chunk, seed in zip(chunks, seeds, strict=True)
+    ]
+    for job in jobs:
+        job.result()
+    return flat
 
 
 def _parallel_workers(out: Tensor) -> int:
@@ -96,14 +133,13 @@ def _parallel_normal_(
     generator), so the result is a deterministic function of that generator's state, as with
     a single draw; torch releases the GIL inside ``normal_``, so the threads run in parallel.
     """
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dptorch-noise")
-    seeds = torch.randint(0, 2**63 - 1, (workers,), generator=generator, dtype=torch.int64)
+    seeds = _chunk_seeds(generator, workers)
     chunks = flat.chunk(workers)
     jobs = [
-        _pool.submit(chunk.normal_, 0.0, std, generator=torch.Generator().manual_seed(int(seed)))
-        for chunk, seed in zip(chunks, seeds.tolist(), strict=False)
+        _thread_pool().submit(
+            chunk.normal_, 0.0, std, generator=torch.Generator().manual_seed(seed)
+        )
+        for chunk, seed in zip(chunks, seeds, strict=False)
     ]
     for job in jobs:
         job.result()

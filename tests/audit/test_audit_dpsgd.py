@@ -52,7 +52,10 @@ def test_an_honest_run_stays_below_its_accountant(seed: int) -> None:
     assert report.epsilon_upper_bound == pytest.approx(4.0, abs=0.05)
     assert not report.violated
     # The audit has power: well above 0 (a broken score would give ~0), below the upper bound.
-    assert 1.0 < report.epsilon_lower_bound < report.epsilon_upper_bound
+    # The lower bound is itself random: over seeds 0-39 it had mean 1.25 (sd 0.22, smallest
+    # 0.94) with dptorch's CPU noise kernel and 1.31 (sd 0.25, smallest 0.92) with torch's
+    # sampler, about one seed in ten below 1.0; 0.5 leaves room for any honest stream.
+    assert 0.5 < report.epsilon_lower_bound < report.epsilon_upper_bound
 
 
 def test_noise_ten_times_smaller_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
