@@ -1,0 +1,210 @@
+"""The CPU noise samplers side by side: dptorch's compiled kernel against torch's mt19937.
+
+Run: ``.venv/bin/python benchmarks/noise_sampler.py`` (``--models mlp,lstm``, ``--blocks N``;
+about 5 minutes on two CPU cores). Writes ``benchmarks/results/noise_sampler.json`` and
+``.md``.
+
+Two measurements, both alternating the two samplers so that a shared machine's drifting load
+falls on both alike:
+
+1. the draw alone: ``dptorch.noise.gaussian_noise`` into a reused float32 buffer of the MLP's
+   670k and the transformer's 4.2M coordinates, on 1 and 2 threads;
+2. the training step: one process per model (``training.py``'s models, batches and 2 threads),
+   plain PyTorch and ONE private model whose steps alternate in blocks between the samplers
+   (``dptorch.cpu_sampler.set_cpu_sampler`` around each block), as ``interleaved.py`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import interleaved  # the alternating-blocks timer
+import training  # the benchmark models and their step functions
+
+from dptorch.cpu_sampler import kernel_available, set_cpu_sampler
+from dptorch.noise import gaussian_noise
+
+SAMPLERS = ("kernel", "torch")
+DRAW_SIZES = {"MLP (670k)": 669_706, "transformer (4.2M)": 4_200_000}
+DEFAULT_MODELS = ("mlp", "cnn", "transformer", "lstm")
+
+
+def _with_sampler(name: str, step: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        set_cpu_sampler(name)
+        try:
+            return step()
+        finally:
+            set_cpu_sampler("kernel")
+
+    return run
+
+
+def time_draws(rounds: int = 15, calls: int = 10) -> list[dict[str, Any]]:
+    """Median milliseconds per ``gaussian_noise`` call, samplers alternating by round."""
+    rows = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for label, numel in DRAW_SIZES.items():
+            buffer = torch.empty(numel)
+            generator = torch.Generator().manual_seed(0)
+
+            def draw(buffer: torch.Tensor = buffer, generator: torch.Generator = generator) -> Any:
+                return gaussian_noise(
+                    buffer.shape,
+                    std=1.0,
+                    dtype=torch.float32,
+                    device=buffer.device,
+                    generator=generator,
+                    out=buffer,
+                )
+
+            times: dict[str, list[float]] = {name: [] for name in SAMPLERS}
+            for _ in range(rounds):
+                for name in SAMPLERS:
+                    step = _with_sampler(name, draw)
+                    step()
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        step()
+                    times[name].append((time.perf_counter() - start) / calls)
+            ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+            rows.append({"threads": threads, "draw": label, "numel": numel, "median_ms": ms})
+            print(
+                f"draw {label:20s} {threads} thread(s): "
+                + ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items()),
+                flush=True,
+            )
+    return rows
+
+
+def run_worker(model: str, blocks: int) -> dict[str, Any]:
+    torch.set_num_threads(training.THREADS)
+    warnings.simplefilter("ignore")
+    plain = training._prepare(model, "plain")[0]
+    private = training._prepare(model, "dptorch-auto")[0]
+    steps = {
+        "plain": plain,
+        "dptorch, kernel noise": _with_sampler("kernel", private),
+        "dptorch, torch noise": _with_sampler("torch", private),
+    }
+    for step in [*steps.values(), *steps.values()]:
+        step()
+    times: dict[str, list[float]] = {mode: [] for mode in steps}
+    ratios: dict[str, list[float]] = {mode: [] for mode in steps}
+    for _ in range(blocks):
+        medians = {}
+        for mode, step in steps.items():
+            medians[mode], block = interleaved._median_block(step)
+            times[mode] += block
+        for mode in steps:
+            ratios[mode].append(medians[mode] / medians["plain"])
+    return {
+        "model": model,
+        "blocks": blocks,
+        "median_ms": {mode: statistics.median(t) * 1e3 for mode, t in times.items()},
+        "median_block_ratio": {mode: statistics.median(r) for mode, r in ratios.items()},
+    }
+
+
+def time_steps(models: list[str], blocks: int) -> list[dict[str, Any]]:
+    results = []
+    for model in models:
+        command = [sys.executable, __file__, "--worker", model, "--blocks", str(blocks)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        lines = [x for x in done.stdout.splitlines() if x.startswith(interleaved.RESULT_TAG)]
+        if not lines:
+            results.append({"model": model, "error": done.stderr.strip().splitlines()[-1:]})
+            print(f"{model:12s} failed: {results[-1]['error']}", flush=True)
+            continue
+        result = json.loads(lines[-1][len(interleaved.RESULT_TAG) :])
+        print(
+            f"{model:12s} "
+            + ", ".join(f"{m} {r:.2f}x" for m, r in result["median_block_ratio"].items()),
+            flush=True,
+        )
+        results.append(result)
+    return results
+
+
+def write(draws: list[dict[str, Any]], steps: list[dict[str, Any]], total_s: float) -> None:
+    commit = training._git("rev-parse", "HEAD").strip() or "unknown"
+    dirty = bool(training._git("status", "--porcelain").strip())
+    meta = {
+        "commit": commit,
+        "uncommitted_changes": dirty,
+        "torch": torch.__version__,
+        "cpu": training._cpu_name(),
+        "total_seconds": total_s,
+    }
+    lines = [
+        f"# CPU noise samplers: commit {commit[:10]}{' (uncommitted changes)' if dirty else ''}, "
+        f"torch {meta['torch']}, {meta['cpu']}, {total_s / 60:.1f} min",
+        "",
+        "Command: `.venv/bin/python benchmarks/noise_sampler.py`. Samplers alternate.",
+        "",
+        "| draw into a reused float32 buffer | threads | kernel ms | torch ms | torch / kernel |",
+        "|---|---|---|---|---|",
+    ]
+    for row in draws:
+        ms = row["median_ms"]
+        lines.append(
+            f"| {row['draw']} | {row['threads']} | {ms['kernel']:.2f} | "
+            f"{ms['torch']:.2f} | {ms['torch'] / ms['kernel']:.1f}x |"
+        )
+    lines += [
+        "",
+        "| model (training.py, 2 threads) | plain ms | dptorch, kernel noise: ms / plain | "
+        "dptorch, torch noise: ms / plain | blocks |",
+        "|---|---|---|---|---|",
+    ]
+    for r in steps:
+        if "error" in r:
+            lines.append(f"| {r['model']} | error: {r['error']} | | | |")
+            continue
+        ms, ratio = r["median_ms"], r["median_block_ratio"]
+        k, t = "dptorch, kernel noise", "dptorch, torch noise"
+        lines.append(
+            f"| {r['model']} | {ms['plain']:.1f} | {ms[k]:.1f} / {ratio[k]:.2f}x | "
+            f"{ms[t]:.1f} / {ratio[t]:.2f}x | {r['blocks']} |"
+        )
+    training.RESULTS.mkdir(exist_ok=True)
+    (training.RESULTS / "noise_sampler.json").write_text(
+        json.dumps({"meta": meta, "draws": draws, "steps": steps}, indent=2) + "\n"
+    )
+    (training.RESULTS / "noise_sampler.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--blocks", type=int, default=12, help="blocks per mode and model")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not kernel_available():
+        sys.exit("the compiled kernel is not built: reinstall dptorch with a C compiler")
+    if args.worker:
+        result = run_worker(args.worker, args.blocks)
+        print(interleaved.RESULT_TAG + json.dumps(result), flush=True)
+        return
+    start = time.perf_counter()
+    draws = time_draws()
+    steps = time_steps(args.models.split(","), args.blocks)
+    write(draws, steps, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()
