@@ -8,8 +8,10 @@ is available the install still succeeds and dptorch draws CPU noise with torch's
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 if sys.platform == "win32":
     compile_args = ["/O2", "/fp:precise"]
@@ -18,7 +20,35 @@ else:
     # same bits. No errno or trap bookkeeping, which would keep the math loops scalar.
     compile_args = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 
+# On Linux, torch's wheels run on libgomp.so.1; a kernel built with -fopenmp links the same
+# soname, so the loader gives it torch's runtime and its threads (see fill_chunks in the C
+# file). Elsewhere torch brings another OpenMP runtime, which a second one would compete with.
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
+class BuildWithOptionalOpenMP(build_ext):  # type: ignore[misc]
+    """Build with OpenMP where the compiler has it; without it (serial chunks) where not."""
+
+    def build_extension(self, ext: Any) -> None:
+        if not OPENMP_FLAGS:
+            super().build_extension(ext)
+            return
+        plain_compile, plain_link = list(ext.extra_compile_args), list(ext.extra_link_args)
+        ext.extra_compile_args = plain_compile + OPENMP_FLAGS
+        ext.extra_link_args = plain_link + OPENMP_FLAGS
+        try:
+            super().build_extension(ext)
+        except Exception as error:  # any compiler or linker failure
+            print(
+                f"dptorch: building the Gaussian kernel with OpenMP failed ({error}); "
+                "building it without (its chunks are then drawn by Python threads)"
+            )
+            ext.extra_compile_args, ext.extra_link_args = plain_compile, plain_link
+            super().build_extension(ext)
+
+
 setup(
+    cmdclass={"build_ext": BuildWithOptionalOpenMP},
     ext_modules=[
         Extension(
             "dptorch._gaussian_kernel",
@@ -26,5 +56,5 @@ setup(
             extra_compile_args=compile_args,
             optional=True,
         )
-    ]
+    ],
 )

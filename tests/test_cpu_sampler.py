@@ -16,8 +16,13 @@ import pytest
 import torch
 from scipy import stats
 
-from dptorch import cpu_sampler
-from dptorch.cpu_sampler import kernel_available, kernel_normal_, set_cpu_sampler
+from dptorch import cpu_sampler, noise
+from dptorch.cpu_sampler import (
+    kernel_available,
+    kernel_normal_,
+    kernel_normal_chunks_,
+    set_cpu_sampler,
+)
 from dptorch.errors import DPValueError
 from dptorch.noise import _PARALLEL_MIN_NUMEL, gaussian_noise
 
@@ -25,17 +30,9 @@ LANES = 16  # the kernel's LANES
 MASK64 = (1 << 64) - 1
 
 pytestmark = pytest.mark.skipif(
-    not kernel_available(), reason="the compiled kernel is not built (see test below)"
+    not kernel_available(),
+    reason="the compiled kernel is not built (test_cpu_sampler_build.py fails for that)",
 )
-
-
-def test_the_kernel_was_built() -> None:
-    # Not skipped: an install whose optional build failed would otherwise pass every test
-    # here by skipping them, while its noise silently came from the slower sampler.
-    assert cpu_sampler._KERNEL is not None, (
-        "dptorch._gaussian_kernel did not build or load; reinstall with a C compiler "
-        "(pip install -e .) and read the build log"
-    )
 
 
 def _splitmix64(state: int) -> tuple[int, int]:
@@ -173,6 +170,54 @@ def test_gaussian_noise_on_the_cpu_uses_the_kernel_with_seeds_from_the_generator
     seeds = torch.randint(0, 2**63 - 1, (len(chunks),), generator=generator).tolist()
     expected = torch.cat([kernel_normal_(c, 1.5, s) for c, s in zip(chunks, seeds, strict=True)])
     assert torch.equal(noise, expected)
+
+
+@pytest.mark.parametrize(("numel", "chunks"), [(5, 4), (1000, 3), (4096, 2), (100_003, 7)])
+def test_chunked_fill_equals_one_fill_per_chunk(numel: int, chunks: int) -> None:
+    # (5, 4): out.chunk(4) makes 3 chunks of 2, 2 and 1 values; the seeds follow the chunks.
+    pieces = torch.empty(numel).chunk(chunks)
+    seeds = [1000 + 17 * i for i in range(len(pieces))]
+    together = kernel_normal_chunks_(torch.empty(numel), 0.7, seeds)
+    one_by_one = torch.cat(
+        [kernel_normal_(torch.empty(len(p)), 0.7, s) for p, s in zip(pieces, seeds, strict=True)]
+    )
+    assert torch.equal(together, one_by_one)
+
+
+def test_noise_without_openmp_threads_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fallback of a kernel built without OpenMP: Python threads, one chunk each.
+    def draw() -> torch.Tensor:
+        return gaussian_noise(
+            torch.Size([2 * _PARALLEL_MIN_NUMEL + 3]),
+            std=1.0,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            generator=torch.Generator().manual_seed(9),
+        )
+
+    torch.set_num_threads(max(torch.get_num_threads(), 2))
+    in_the_kernel = draw()
+    monkeypatch.setattr(noise, "kernel_has_openmp", lambda: False)
+    assert torch.equal(draw(), in_the_kernel)
+
+
+def test_chunked_fill_refuses_seeds_that_do_not_match_the_chunks() -> None:
+    with pytest.raises(DPValueError, match="pass one seed per chunk"):
+        kernel_normal_chunks_(torch.empty(5), 1.0, [1, 2, 3, 4])  # 3 chunks, 4 seeds
+    with pytest.raises(DPValueError, match="pass one seed per chunk"):
+        kernel_normal_chunks_(torch.empty(5), 1.0, [])
+    kernel = cpu_sampler._KERNEL
+    buffer = torch.empty(100)
+    with pytest.raises(ValueError, match="cannot split 100 values"):
+        kernel.fill_chunks(buffer.data_ptr(), 100, 49, [1, 2], 1.0)  # leaves 2 values unset
+    with pytest.raises(ValueError, match="cannot split 100 values"):
+        kernel.fill_chunks(buffer.data_ptr(), 100, 101, [1, 2], 1.0)
+    with pytest.raises(ValueError, match="between 1 and 256 seeds"):
+        kernel.fill_chunks(buffer.data_ptr(), 100, 100, [], 1.0)
+    with pytest.raises(OverflowError):
+        kernel.fill_chunks(buffer.data_ptr(), 100, 50, [1, -2], 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        kernel.fill_chunks(buffer.data_ptr(), 100, 50, [1, 2], float("inf"))
 
 
 def test_torch_sampler_can_be_chosen_and_gives_torchs_values() -> None:

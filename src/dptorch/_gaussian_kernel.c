@@ -182,6 +182,20 @@ static void fill_normal(float *out, uint64_t n, uint64_t seed, float std) {
     }
 }
 
+/* The arguments both entry points share; sets a Python error and returns 0 if one is bad. */
+static int valid_target(unsigned long long address, unsigned long long n, double std,
+                        const char *name) {
+    if (address == 0 && n > 0) {
+        PyErr_Format(PyExc_ValueError, "%s: address is 0", name);
+        return 0;
+    }
+    if (!(std >= 0.0) || std > 3.0e38) {
+        PyErr_Format(PyExc_ValueError, "%s: std must be a finite float32 >= 0", name);
+        return 0;
+    }
+    return 1;
+}
+
 static PyObject *fill(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long address, n, seed;
@@ -189,12 +203,7 @@ static PyObject *fill(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKKd", &address, &n, &seed, &std)) {
         return NULL;
     }
-    if (address == 0 && n > 0) {
-        PyErr_SetString(PyExc_ValueError, "fill: address is 0");
-        return NULL;
-    }
-    if (!(std >= 0.0) || std > 3.0e38) {
-        PyErr_SetString(PyExc_ValueError, "fill: std must be a finite float32 >= 0");
+    if (!valid_target(address, n, std, "fill")) {
         return NULL;
     }
     float *out = (float *)(uintptr_t)address;
@@ -204,10 +213,84 @@ static PyObject *fill(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* More chunks than this are refused: a step draws with at most a few threads. */
+#define MAX_CHUNKS 256
+
+/* fill_chunks(address, n, chunk, seeds, std): chunk i (values [i chunk, min(n, (i+1) chunk)))
+ * is fill() of its length with seeds[i], so the result equals one fill() call per chunk.
+ * Built with OpenMP, the chunks are drawn by one thread each, in the OpenMP runtime already
+ * loaded: torch's own (the same libgomp.so.1, which the loader shares), whose threads are
+ * awake after the step's matrix products. A pool of Python threads would compete with those
+ * for the same cores instead (measured on 2 cores, 670k values after a matrix product:
+ * 0.75 ms here against 1.7 ms through a Python thread pool and 1.4 ms on one thread). */
+static PyObject *fill_chunks(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long address, n, chunk;
+    PyObject *seed_list;
+    double std;
+    if (!PyArg_ParseTuple(args, "KKKOd", &address, &n, &chunk, &seed_list, &std)) {
+        return NULL;
+    }
+    if (!valid_target(address, n, std, "fill_chunks")) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(seed_list, "fill_chunks: seeds must be a sequence of ints");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    uint64_t seeds[MAX_CHUNKS];
+    if (count < 1 || count > MAX_CHUNKS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "fill_chunks: between 1 and %d seeds, got %zd",
+                     MAX_CHUNKS, count);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        seeds[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
+    }
+    Py_DECREF(seq);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (n == 0) {
+        Py_RETURN_NONE;
+    }
+    /* Every value must belong to a chunk (count chunks of chunk values cover n), and no chunk
+     * may be longer than n, which keeps i * chunk from overflowing. */
+    unsigned long long needed = n / (unsigned long long)count + (n % (unsigned long long)count != 0);
+    if (chunk < needed || chunk > n) {
+        PyErr_Format(PyExc_ValueError,
+                     "fill_chunks: %zd chunks of %llu values cannot split %llu values (chunk "
+                     "must be between %llu and %llu)",
+                     count, chunk, n, needed, n);
+        return NULL;
+    }
+    float *out = (float *)(uintptr_t)address;
+    const float std32 = (float)std;
+    const int threads = (int)count;
+    (void)threads; /* unused without OpenMP */
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint64_t start = (uint64_t)i * chunk;
+        if (start < n) {
+            uint64_t length = n - start < chunk ? n - start : chunk;
+            fill_normal(out + start, length, seeds[i], std32);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"fill", fill, METH_VARARGS,
      "fill(address, n, seed, std): n float32 N(0, std^2) draws written at address, a function "
      "of (seed, n) alone. The GIL is released while drawing."},
+    {"fill_chunks", fill_chunks, METH_VARARGS,
+     "fill_chunks(address, n, chunk, seeds, std): chunk i of `chunk` values (the last one cut "
+     "to n) is fill() of its length with seeds[i]; one OpenMP thread per chunk where built "
+     "with OpenMP (see `openmp`). The GIL is released while drawing."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {
@@ -215,4 +298,20 @@ static struct PyModuleDef module = {
     "xoshiro256++ lanes and a vectorised Box-Muller: float32 Gaussian draws for the CPU.", -1,
     methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__gaussian_kernel(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__gaussian_kernel(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+#ifdef _OPENMP
+    const long openmp = 1;
+#else
+    const long openmp = 0;
+#endif
+    /* Whether fill_chunks draws its chunks in parallel (built with OpenMP) or one by one. */
+    if (PyModule_AddIntConstant(m, "openmp", openmp) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

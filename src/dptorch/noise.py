@@ -6,7 +6,8 @@ float64 noise), seeded by ``generator`` (the global torch generator when ``None`
 noise on the CPU comes from the compiled sampler of :mod:`dptorch.cpu_sampler` where it was
 built (seeds drawn from ``generator``), else from torch; large CPU draws are split across
 threads, each chunk with a seed drawn from ``generator``. Either way the noise is a
-deterministic function of that generator's state.
+deterministic function of that generator's state (and of the thread count, which sets the
+chunks).
 
 Secure mode (``generator`` a :class:`~dptorch.secure_random.SecureRandom`): the noise comes
 from a CSPRNG, in float64, and :func:`round_to_noise_grid_` rounds each released value
@@ -27,7 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from dptorch.cpu_sampler import kernel_normal_, uses_kernel
+from dptorch.cpu_sampler import (
+    kernel_has_openmp,
+    kernel_normal_,
+    kernel_normal_chunks_,
+    uses_kernel,
+)
 from dptorch.errors import DPValueError
 from dptorch.secure_random import SecureRandom
 
@@ -109,6 +115,10 @@ def _kernel_normal_(
     seeds = _chunk_seeds(generator, len(chunks))
     if len(chunks) == 1:
         return kernel_normal_(flat, std, seeds[0])
+    if kernel_has_openmp():
+        # The kernel threads the chunks in torch's OpenMP runtime, whose threads are awake
+        # after the backward pass; Python threads would compete with them for the cores.
+        return kernel_normal_chunks_(flat, std, seeds)
     jobs = [
         _thread_pool().submit(kernel_normal_, chunk, std, seed)
         for chunk, seed in zip(chunks, seeds, strict=True)

@@ -13,6 +13,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -35,14 +36,33 @@ StepCheck = Callable[["DPOptimizer"], None]
 
 @dataclass(frozen=True)
 class StepStats:
-    """What the last step saw. NOT private: computed from raw data, for diagnostics only."""
+    """What the last step saw. NOT private: computed from raw data, for diagnostics only.
+
+    ``clipped_fraction`` and ``mean_norm`` are computed from ``norms`` and ``factors`` when
+    first read, so a training loop that never reads them spends nothing on them.
+    """
 
     batch_size: int
-    clipped_fraction: float
     nonfinite: int
-    mean_norm: float
     # [B] per-example gradient norms before clipping (NaN/inf kept); see dptorch.diagnostics.
-    norms: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    norms: torch.Tensor = field(repr=False, compare=False)
+    # [B] the clipping factors applied (0 for a non-finite example).
+    factors: torch.Tensor = field(repr=False, compare=False)
+
+    @cached_property
+    def clipped_fraction(self) -> float:
+        """Share of the step's examples whose gradient was scaled down (factor below 1)."""
+        if self.batch_size == 0:
+            return 0.0
+        return float((self.factors < 1).float().mean())
+
+    @cached_property
+    def mean_norm(self) -> float:
+        """Mean of the finite per-example norms (NaN if none is finite; 0 for no examples)."""
+        if self.batch_size == 0:
+            return 0.0
+        finite = torch.isfinite(self.norms)
+        return float(self.norms[finite].mean()) if finite.any() else float("nan")
 
 
 class DPOptimizer(Optimizer):
@@ -450,14 +470,9 @@ def _merged_stats(
 
 
 def _stats(clipped: ClippedBatch) -> StepStats:
-    batch = clipped.batch_size
-    if batch == 0:
-        return StepStats(0, 0.0, 0, 0.0, norms=clipped.norms.detach())
-    finite = torch.isfinite(clipped.norms)
     return StepStats(
-        batch_size=batch,
-        clipped_fraction=float((clipped.factors < 1).float().mean()),
+        batch_size=clipped.batch_size,
         nonfinite=clipped.nonfinite,
-        mean_norm=float(clipped.norms[finite].mean()) if finite.any() else float("nan"),
         norms=clipped.norms.detach(),
+        factors=clipped.factors.detach(),
     )

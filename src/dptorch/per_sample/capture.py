@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_map
 
 # Marks hook functions as ours, so a module can be asked whether dptorch is attached to it
 # without keeping state on the module or in a global registry.
@@ -74,6 +74,28 @@ def _detach(value: Any) -> Any:
     return value.detach() if isinstance(value, Tensor) else value
 
 
+def _detached_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` with every tensor in it detached (nested containers included).
+
+    Flat tuples of tensors and plain values, the common case, skip ``tree_map``: it costs
+    ~12 us a call, a visible share of a small layer's forward when called for every layer.
+    Anything ``tree_map`` would look into (a registered container, a named tuple) takes it.
+    """
+    if all(_is_leaf(a) for a in args):
+        return tuple(_detach(a) for a in args)
+    return tree_map(_detach, tuple(args))
+
+
+def _is_leaf(value: Any) -> bool:
+    return isinstance(value, Tensor) or (
+        type(value) not in SUPPORTED_NODES and not isinstance(value, tuple)
+    )
+
+
+def _detached_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return tree_map(_detach, dict(kwargs)) if kwargs else {}
+
+
 class ActivationCapture:
     """Hooks a set of modules and collects a :class:`CallRecord` per forward call."""
 
@@ -124,7 +146,7 @@ class ActivationCapture:
     ) -> None:
         if not self._enabled or not torch.is_grad_enabled():
             return
-        leaves, _ = tree_flatten(output)
+        leaves = [output] if isinstance(output, Tensor) else tree_flatten(output)[0]
         positions = [
             i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad
         ]
@@ -133,8 +155,8 @@ class ActivationCapture:
         record = CallRecord(
             module=module,
             path=path,
-            args=tree_map(_detach, tuple(args)),
-            kwargs=tree_map(_detach, dict(kwargs)),
+            args=_detached_args(tuple(args)),
+            kwargs=_detached_kwargs(kwargs),
             output_positions=positions,
             grads=[None] * len(positions),
         )
