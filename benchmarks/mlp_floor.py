@@ -1,0 +1,160 @@
+"""How close an eager DP-SGD step can get to plain PyTorch on the benchmark MLP.
+
+Run: ``.venv/bin/python benchmarks/mlp_floor.py`` (``--blocks N``; about a minute on two CPU
+cores). Writes ``benchmarks/results/mlp_floor.json`` and ``.md``.
+
+Three steps of ``training.py``'s MLP (784-512-512-10, batch 256, 2 threads) alternate in
+blocks in one process: plain PyTorch, dptorch's default route, and a hand-written private step
+with the same arithmetic and nothing else: the forward keeps each layer's input, one
+``autograd.grad`` gives the output gradients (no parameter gradients), the norms are
+``|a_i|^2 |g_i|^2 + |g_i|^2`` per layer, the noise is one draw of dptorch's compiled sampler,
+and each layer's clipped sum is accumulated into its view of the noise by one ``addmm_``. It
+has no checks, no hooks and no accounting, so it is a floor for eager PyTorch, not a
+competitor: the gap between it and dptorch is dptorch's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import interleaved  # the alternating-blocks timer
+import training  # the benchmark models and their step functions
+
+from dptorch.cpu_sampler import kernel_available, kernel_normal_chunks_
+
+LEARNING_RATE = 0.01
+
+
+def hand_written_step() -> Callable[[], None]:
+    """The floor: a private step of ``training.MODELS['mlp']`` in a few eager operations."""
+    torch.manual_seed(0)
+    spec = training.MODELS["mlp"]
+    x, y = spec.batch(torch.Generator().manual_seed(0))
+    model = spec.build()
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    params = [p for layer in layers for p in (layer.weight, layer.bias)]
+    for p in params:
+        p.requires_grad_(False)  # autograd differentiates towards the outputs only
+    sizes = [p.numel() for p in params]
+    noise = torch.empty(sum(sizes))
+    generator = torch.Generator().manual_seed(1)
+    batch = len(x)
+    std = training.NOISE_MULTIPLIER * training.MAX_GRAD_NORM / batch
+    criterion = spec.criterion()
+
+    def release(inputs: list[Tensor], grads: tuple[Tensor, ...]) -> None:
+        norm_sq = torch.zeros(batch)
+        for a, g in zip(inputs, grads, strict=True):
+            g_sq = g.square().sum(1)
+            norm_sq += a.square().sum(1) * g_sq + g_sq
+        norms = norm_sq.sqrt() * batch  # the mean loss scales every output gradient by 1/B
+        factors = (training.MAX_GRAD_NORM / (norms + 1e-6)).clamp_(max=1.0)
+        seeds = torch.randint(0, 2**63 - 1, (torch.get_num_threads(),), generator=generator)
+        kernel_normal_chunks_(noise, std, seeds.tolist())
+        views = noise.split(sizes)
+        for k, (a, g) in enumerate(zip(inputs, grads, strict=True)):
+            scaled = g * factors[:, None]  # g already carries 1/B: this is c_i g_i / B
+            views[2 * k].view(layers[k].weight.shape).addmm_(scaled.t(), a)
+            views[2 * k + 1].add_(scaled.sum(0))
+        for p, v in zip(params, views, strict=True):
+            p.sub_(v.view(p.shape), alpha=LEARNING_RATE)
+
+    def step() -> None:
+        inputs, outputs = [], []
+        h = x
+        for k, layer in enumerate(layers):
+            inputs.append(h)
+            out = nn.functional.linear(h, layer.weight, layer.bias)
+            if k == 0:
+                out.requires_grad_(True)  # the graph starts at the first output
+            outputs.append(out)
+            h = torch.relu(out) if k < len(layers) - 1 else out
+        grads = torch.autograd.grad(criterion(h, y), outputs)
+        with torch.no_grad():
+            release(inputs, grads)
+
+    return step
+
+
+def measure(blocks: int) -> dict[str, object]:
+    torch.set_num_threads(training.THREADS)
+    warnings.simplefilter("ignore")
+    steps = {
+        "plain": training._prepare("mlp", "plain")[0],
+        "dptorch-auto": training._prepare("mlp", "dptorch-auto")[0],
+        "hand-written private step": hand_written_step(),
+    }
+    for step in [*steps.values(), *steps.values()]:
+        step()
+    times: dict[str, list[float]] = {mode: [] for mode in steps}
+    ratios: dict[str, list[float]] = {mode: [] for mode in steps}
+    for _ in range(blocks):
+        medians = {}
+        for mode, step in steps.items():
+            medians[mode], block = interleaved._median_block(step)
+            times[mode] += block
+        for mode in steps:
+            ratios[mode].append(medians[mode] / medians["plain"])
+    return {
+        "blocks": blocks,
+        "median_ms": {mode: statistics.median(t) * 1e3 for mode, t in times.items()},
+        "median_block_ratio": {mode: statistics.median(r) for mode, r in ratios.items()},
+    }
+
+
+def write(result: dict[str, object], total_s: float) -> None:
+    commit = training._git("rev-parse", "HEAD").strip() or "unknown"
+    dirty = bool(training._git("status", "--porcelain").strip())
+    meta = {
+        "commit": commit,
+        "uncommitted_changes": dirty,
+        "torch": torch.__version__,
+        "cpu": training._cpu_name(),
+        "total_seconds": total_s,
+    }
+    ms = result["median_ms"]
+    ratio = result["median_block_ratio"]
+    assert isinstance(ms, dict) and isinstance(ratio, dict)
+    lines = [
+        f"# MLP step floor: commit {commit[:10]}{' (uncommitted changes)' if dirty else ''}, "
+        f"torch {meta['torch']}, {meta['cpu']}, 2 threads, {total_s / 60:.1f} min",
+        "",
+        "Command: `.venv/bin/python benchmarks/mlp_floor.py`. Steps alternate in blocks of "
+        f"{interleaved.BLOCK_STEPS}; {result['blocks']} blocks.",
+        "",
+        "| step | median ms | ms / plain (median over blocks) |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {mode} | {ms[mode]:.2f} | {ratio[mode]:.2f}x |" for mode in ms]
+    training.RESULTS.mkdir(exist_ok=True)
+    (training.RESULTS / "mlp_floor.json").write_text(
+        json.dumps({"meta": meta, **result}, indent=2) + "\n"
+    )
+    (training.RESULTS / "mlp_floor.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--blocks", type=int, default=20, help="blocks per step kind")
+    args = parser.parse_args()
+    if not kernel_available():
+        sys.exit("the compiled kernel is not built: reinstall dptorch with a C compiler")
+    started = time.perf_counter()
+    result = measure(args.blocks)
+    write(result, time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()
