@@ -69,6 +69,15 @@ def run_worker(
     per_round = sum(training._timed_steps(step, 1, budget_s=0)[0] for step in steps.values())
     blocks = max(MIN_BLOCKS, min(blocks, int(STEP_BUDGET_S / (per_round * BLOCK_STEPS))))
     reference = modes[0]
+    return {"model": model, **alternate(steps, blocks, reference), "errors": errors}
+
+
+def alternate(steps: dict[str, Callable[[], Any]], blocks: int, reference: str) -> dict[str, Any]:
+    """Time ``steps`` in turn, a block of ``BLOCK_STEPS`` each, ``blocks`` rounds.
+
+    Returns each step's median time and the median over rounds of its block median divided
+    by ``reference``'s block median of the same round.
+    """
     times: dict[str, list[float]] = {mode: [] for mode in steps}
     ratios: dict[str, list[float]] = {mode: [] for mode in steps}
     for _ in range(blocks):
@@ -79,14 +88,12 @@ def run_worker(
         for mode in steps:
             ratios[mode].append(medians[mode] / medians[reference])
     return {
-        "model": model,
         "reference": reference,
         "blocks": blocks,
         "block_steps": BLOCK_STEPS,
         "median_ms": {mode: statistics.median(t) * 1e3 for mode, t in times.items()},
         "median_block_ratio": {mode: statistics.median(r) for mode, r in ratios.items()},
         "block_ratios": ratios,
-        "errors": errors,
     }
 
 
@@ -116,17 +123,9 @@ def write_results(
     results: list[dict[str, Any]], modes: list[str], stem: str, total_s: float, title: str
 ) -> str:
     """``results/STEM.json`` and ``.md``; returns the markdown table."""
-    commit = training._git("rev-parse", "HEAD").strip() or "unknown"
-    dirty = bool(training._git("status", "--porcelain").strip())
-    meta = {
-        "commit": commit,
-        "uncommitted_changes": dirty,
-        "torch": torch.__version__,
-        "opacus": training._opacus_available(),
-        "cpu": training._cpu_name(),
-        "threads": training.THREADS,
-        "total_seconds": total_s,
-    }
+    meta = training.run_meta(total_s)
+    meta.update(opacus=training._opacus_available(), threads=training.THREADS)
+    commit, dirty = meta["commit"], meta["uncommitted_changes"]
     reference = modes[0]
     rows = [
         "| model | "

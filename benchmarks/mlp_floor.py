@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import warnings
@@ -97,32 +96,12 @@ def measure(blocks: int) -> dict[str, object]:
     }
     for step in [*steps.values(), *steps.values()]:
         step()
-    times: dict[str, list[float]] = {mode: [] for mode in steps}
-    ratios: dict[str, list[float]] = {mode: [] for mode in steps}
-    for _ in range(blocks):
-        medians = {}
-        for mode, step in steps.items():
-            medians[mode], block = interleaved._median_block(step)
-            times[mode] += block
-        for mode in steps:
-            ratios[mode].append(medians[mode] / medians["plain"])
-    return {
-        "blocks": blocks,
-        "median_ms": {mode: statistics.median(t) * 1e3 for mode, t in times.items()},
-        "median_block_ratio": {mode: statistics.median(r) for mode, r in ratios.items()},
-    }
+    return interleaved.alternate(steps, blocks, "plain")
 
 
 def write(result: dict[str, object], total_s: float) -> None:
-    commit = training._git("rev-parse", "HEAD").strip() or "unknown"
-    dirty = bool(training._git("status", "--porcelain").strip())
-    meta = {
-        "commit": commit,
-        "uncommitted_changes": dirty,
-        "torch": torch.__version__,
-        "cpu": training._cpu_name(),
-        "total_seconds": total_s,
-    }
+    meta = training.run_meta(total_s)
+    commit, dirty = meta["commit"], meta["uncommitted_changes"]
     ms = result["median_ms"]
     ratio = result["median_block_ratio"]
     assert isinstance(ms, dict) and isinstance(ratio, dict)

@@ -102,21 +102,7 @@ def run_worker(model: str, blocks: int) -> dict[str, Any]:
     }
     for step in [*steps.values(), *steps.values()]:
         step()
-    times: dict[str, list[float]] = {mode: [] for mode in steps}
-    ratios: dict[str, list[float]] = {mode: [] for mode in steps}
-    for _ in range(blocks):
-        medians = {}
-        for mode, step in steps.items():
-            medians[mode], block = interleaved._median_block(step)
-            times[mode] += block
-        for mode in steps:
-            ratios[mode].append(medians[mode] / medians["plain"])
-    return {
-        "model": model,
-        "blocks": blocks,
-        "median_ms": {mode: statistics.median(t) * 1e3 for mode, t in times.items()},
-        "median_block_ratio": {mode: statistics.median(r) for mode, r in ratios.items()},
-    }
+    return {"model": model, **interleaved.alternate(steps, blocks, "plain")}
 
 
 def time_steps(models: list[str], blocks: int) -> list[dict[str, Any]]:
@@ -140,15 +126,8 @@ def time_steps(models: list[str], blocks: int) -> list[dict[str, Any]]:
 
 
 def write(draws: list[dict[str, Any]], steps: list[dict[str, Any]], total_s: float) -> None:
-    commit = training._git("rev-parse", "HEAD").strip() or "unknown"
-    dirty = bool(training._git("status", "--porcelain").strip())
-    meta = {
-        "commit": commit,
-        "uncommitted_changes": dirty,
-        "torch": torch.__version__,
-        "cpu": training._cpu_name(),
-        "total_seconds": total_s,
-    }
+    meta = training.run_meta(total_s)
+    commit, dirty = meta["commit"], meta["uncommitted_changes"]
     lines = [
         f"# CPU noise samplers: commit {commit[:10]}{' (uncommitted changes)' if dirty else ''}, "
         f"torch {meta['torch']}, {meta['cpu']}, {total_s / 60:.1f} min",

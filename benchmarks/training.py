@@ -552,6 +552,18 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
+def run_meta(total_s: float) -> dict[str, Any]:
+    """What every results file records about its run: commit, torch, CPU, duration."""
+    commit = _git("rev-parse", "HEAD").strip() or "unknown"
+    return {
+        "commit": commit,
+        "uncommitted_changes": bool(_git("status", "--porcelain").strip()),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "total_seconds": total_s,
+    }
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
