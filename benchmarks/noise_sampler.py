@@ -4,12 +4,14 @@ Run: ``.venv/bin/python benchmarks/noise_sampler.py`` (``--models mlp,lstm``, ``
 about 5 minutes on two CPU cores). Writes ``benchmarks/results/noise_sampler.json`` and
 ``.md``.
 
-Two measurements, both alternating the two samplers so that a shared machine's drifting load
-falls on both alike:
+Three measurements, each alternating what it compares so that a shared machine's drifting
+load falls on all alike:
 
 1. the draw alone: ``dptorch.noise.gaussian_noise`` into a reused float32 buffer of the MLP's
    670k and the transformer's 4.2M coordinates, on 1 and 2 threads;
-2. the training step: one process per model (``training.py``'s models, batches and 2 threads),
+2. the MLP's draw right after a matrix product (as in a step, with torch's OpenMP worker still
+   awake), the kernel's chunks threaded by OpenMP, by Python threads, or drawn on one thread;
+3. the training step: one process per model (``training.py``'s models, batches and 2 threads),
    plain PyTorch and ONE private model whose steps alternate in blocks between the samplers
    (``dptorch.cpu_sampler.set_cpu_sampler`` around each block), as ``interleaved.py`` does.
 """
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import interleaved  # the alternating-blocks timer
 import training  # the benchmark models and their step functions
 
+from dptorch import noise
 from dptorch.cpu_sampler import kernel_available, set_cpu_sampler
 from dptorch.noise import gaussian_noise
 
@@ -90,6 +93,48 @@ def time_draws(rounds: int = 15, calls: int = 10) -> list[dict[str, Any]]:
     return rows
 
 
+def time_draws_after_matmul(rounds: int = 200) -> dict[str, float]:
+    """Median ms of the MLP's 670k-value draw on 2 threads, each right after a matrix
+    product, as in a step (torch's OpenMP worker is then still spinning): the kernel threaded
+    by OpenMP, by Python threads, and on one thread."""
+    torch.set_num_threads(2)
+    buffer = torch.empty(DRAW_SIZES["MLP (670k)"])
+    generator = torch.Generator().manual_seed(0)
+    a, w = torch.randn(256, 784), torch.randn(512, 784)
+    original_openmp, original_workers = noise.kernel_has_openmp, noise._parallel_workers
+    variants: dict[str, Callable[[], None]] = {
+        "kernel, OpenMP threads": lambda: None,
+        "kernel, Python threads": lambda: setattr(noise, "kernel_has_openmp", lambda: False),
+        "kernel, one thread": lambda: setattr(noise, "_parallel_workers", lambda out: 1),
+    }
+    if not original_openmp():
+        del variants["kernel, OpenMP threads"]  # built without OpenMP: nothing to compare
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for _ in range(rounds):
+            for name, patch in variants.items():
+                patch()
+                torch.mm(a, w.t())
+                start = time.perf_counter()
+                gaussian_noise(
+                    buffer.shape,
+                    std=1.0,
+                    dtype=torch.float32,
+                    device=buffer.device,
+                    generator=generator,
+                    out=buffer,
+                )
+                times[name].append(time.perf_counter() - start)
+                noise.kernel_has_openmp = original_openmp
+                noise._parallel_workers = original_workers
+    finally:
+        noise.kernel_has_openmp = original_openmp
+        noise._parallel_workers = original_workers
+    ms = {name: statistics.median(t[10:]) * 1e3 for name, t in times.items()}
+    print("after a matrix product: " + ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items()))
+    return ms
+
+
 def run_worker(model: str, blocks: int) -> dict[str, Any]:
     torch.set_num_threads(training.THREADS)
     warnings.simplefilter("ignore")
@@ -125,7 +170,12 @@ def time_steps(models: list[str], blocks: int) -> list[dict[str, Any]]:
     return results
 
 
-def write(draws: list[dict[str, Any]], steps: list[dict[str, Any]], total_s: float) -> None:
+def write(
+    draws: list[dict[str, Any]],
+    after_matmul: dict[str, float],
+    steps: list[dict[str, Any]],
+    total_s: float,
+) -> None:
     meta = training.run_meta(total_s)
     commit, dirty = meta["commit"], meta["uncommitted_changes"]
     lines = [
@@ -145,6 +195,12 @@ def write(draws: list[dict[str, Any]], steps: list[dict[str, Any]], total_s: flo
         )
     lines += [
         "",
+        "| MLP (670k), 2 threads, each draw right after a matrix product | ms |",
+        "|---|---|",
+        *[f"| {name} | {ms:.2f} |" for name, ms in after_matmul.items()],
+    ]
+    lines += [
+        "",
         "| model (training.py, 2 threads) | plain ms | dptorch, kernel noise: ms / plain | "
         "dptorch, torch noise: ms / plain | blocks |",
         "|---|---|---|---|---|",
@@ -161,7 +217,11 @@ def write(draws: list[dict[str, Any]], steps: list[dict[str, Any]], total_s: flo
         )
     training.RESULTS.mkdir(exist_ok=True)
     (training.RESULTS / "noise_sampler.json").write_text(
-        json.dumps({"meta": meta, "draws": draws, "steps": steps}, indent=2) + "\n"
+        json.dumps(
+            {"meta": meta, "draws": draws, "after_matmul_ms": after_matmul, "steps": steps},
+            indent=2,
+        )
+        + "\n"
     )
     (training.RESULTS / "noise_sampler.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -181,8 +241,9 @@ def main() -> None:
         return
     start = time.perf_counter()
     draws = time_draws()
+    after_matmul = time_draws_after_matmul()
     steps = time_steps(args.models.split(","), args.blocks)
-    write(draws, steps, time.perf_counter() - start)
+    write(draws, after_matmul, steps, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def nonprivate_step_stats(
     Privacy: NOT private (see :func:`nonprivate_clipping_stats`).
     """
     stats = optimizer.last_step_stats
-    if stats is None or stats.norms is None:
+    if stats is None:
         return None
     return nonprivate_clipping_stats(stats.norms, optimizer.max_grad_norm, quantiles)
 
