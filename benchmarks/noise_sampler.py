@@ -55,6 +55,18 @@ def _with_sampler(name: str, step: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
+def _draw_into(buffer: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One step's draw as the optimizer makes it: std 1, into the reused float32 buffer."""
+    return gaussian_noise(
+        buffer.shape,
+        std=1.0,
+        dtype=torch.float32,
+        device=buffer.device,
+        generator=generator,
+        out=buffer,
+    )
+
+
 def time_draws(rounds: int = 15, calls: int = 10) -> list[dict[str, Any]]:
     """Median milliseconds per ``gaussian_noise`` call, samplers alternating by round."""
     rows = []
@@ -65,14 +77,7 @@ def time_draws(rounds: int = 15, calls: int = 10) -> list[dict[str, Any]]:
             generator = torch.Generator().manual_seed(0)
 
             def draw(buffer: torch.Tensor = buffer, generator: torch.Generator = generator) -> Any:
-                return gaussian_noise(
-                    buffer.shape,
-                    std=1.0,
-                    dtype=torch.float32,
-                    device=buffer.device,
-                    generator=generator,
-                    out=buffer,
-                )
+                return _draw_into(buffer, generator)
 
             times: dict[str, list[float]] = {name: [] for name in SAMPLERS}
             for _ in range(rounds):
@@ -116,14 +121,7 @@ def time_draws_after_matmul(rounds: int = 200) -> dict[str, float]:
                 patch()
                 torch.mm(a, w.t())
                 start = time.perf_counter()
-                gaussian_noise(
-                    buffer.shape,
-                    std=1.0,
-                    dtype=torch.float32,
-                    device=buffer.device,
-                    generator=generator,
-                    out=buffer,
-                )
+                _draw_into(buffer, generator)
                 times[name].append(time.perf_counter() - start)
                 noise.kernel_has_openmp = original_openmp
                 noise._parallel_workers = original_workers
