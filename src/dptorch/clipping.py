@@ -44,6 +44,8 @@ class FlatClipping:
 
     def factors(self, norms: Tensor) -> Tensor:
         """``[B]`` factors ``min(1, C / n_i)``; 0 where ``n_i`` is NaN or infinite."""
+        if math.isfinite(float(norms.sum())):  # a NaN or inf anywhere makes the sum one
+            return self.max_grad_norm / torch.clamp(norms, min=self.max_grad_norm)
         finite = torch.isfinite(norms)
         safe = torch.where(finite, norms, torch.ones_like(norms))
         # C / max(n, C) == min(1, C / n) and never divides by zero.

@@ -8,6 +8,7 @@ for factors ``c_i``, and forms each parameter's weighted sum in one contraction.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -278,7 +279,7 @@ class PerSampleEngine:
         for value in param_norm_sq.values():
             norm_sq = norm_sq + value
         norms = norm_sq.sqrt() * scale
-        nonfinite = int((~torch.isfinite(norms)).sum())
+        nonfinite = _count_nonfinite(norms)
         group_of = getattr(policy, "group_of", None)
         if group_of is None:
             factors = policy.factors(norms)
@@ -436,6 +437,17 @@ def _group_weights(
     return weights, group_factors.min(dim=0).values
 
 
+def _count_nonfinite(norms: Tensor) -> int:
+    """How many of the (non-negative) norms are NaN or infinite.
+
+    Their sum is finite exactly when each of them is, barring an overflow of the sum, which
+    takes the exact count too: one reduction on the common path instead of four.
+    """
+    if math.isfinite(float(norms.sum())):
+        return 0
+    return int((~torch.isfinite(norms)).sum())
+
+
 def _redraws_randomness(module: nn.Module) -> bool:
     """Whether re-running ``module`` in training mode draws new dropout masks."""
     if has_dedicated_rule(module) or not module.training:
@@ -451,7 +463,8 @@ def _dense_factors(by_param: dict[Tensor, list[GradTerm]]) -> Iterable[Tensor]:
     """Every dense factor (rows and cols) of the step's outer-product terms."""
     for terms in by_param.values():
         for term in terms:
-            if isinstance(term, OuterTerm):
+            # One-position terms take their norms from row norms, never from a Gram.
+            if isinstance(term, OuterTerm) and term.positions != 1:
                 if isinstance(term.rows, Tensor):
                     yield term.rows
                 yield term.cols

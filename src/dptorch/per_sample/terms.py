@@ -77,6 +77,9 @@ class DenseTerm:
 
     param: Tensor
     grad_sample: Tensor
+    # ``rowwise_sq_norm`` of ``grad_sample``, when the rule already had it (a Linear's bias
+    # gradient is its output gradient, whose row norms the weight's norm needs too).
+    known_norm_sq: Tensor | None = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -86,6 +89,8 @@ class DenseTerm:
         return self.grad_sample
 
     def norm_sq(self, route: NormRoute = "auto", grams: RowGrams | None = None) -> Tensor:
+        if self.known_norm_sq is not None:
+            return self.known_norm_sq
         flat = self.grad_sample.reshape(self.batch_size, self.param.numel())  # 0-dim params too
         return rowwise_sq_norm(flat)
 
@@ -160,6 +165,9 @@ class OuterTerm:
     param: Tensor
     rows: RowFactor
     cols: Tensor
+    # The ghost norm ``inner(self)``, when the rule already had it (one position: the product
+    # of the factors' row norms, taken while they were in cache during the backward pass).
+    known_norm_sq: Tensor | None = field(default=None, repr=False)
     # Per-example gradients kept from an instantiated norm, so the weighted sum costs
     # B*R*C instead of B*T*R*C.
     _instantiated: Tensor | None = field(default=None, repr=False)
@@ -205,6 +213,8 @@ class OuterTerm:
     def norm_sq(self, route: NormRoute = "auto", grams: RowGrams | None = None) -> Tensor:
         chosen = self.cheaper_route() if route == "auto" else route
         if chosen == "ghost":
+            if self.known_norm_sq is not None:
+                return self.known_norm_sq
             return self.inner(self, grams)
         if isinstance(self.rows, IndexRows):
             return self._sparse_rows_norm_sq()
