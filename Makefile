@@ -17,7 +17,7 @@ venv: $(STAMP)
 # tests read; --no-deps skips its large dependency tree (pandas, matplotlib, scikit-learn).
 # The optional integrations (Hugging Face transformers/peft, TensorBoard) are installed too,
 # so their tests run here and in CI instead of skipping.
-$(STAMP): pyproject.toml setup.py src/dptorch/_gaussian_kernel.c
+$(STAMP): pyproject.toml setup.py src/dptorch/_gaussian_kernel.c src/dptorch/_secure_gaussian.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install torch==2.13.0
 	$(BIN)/python -m pip install -e '.[test,hf,tensorboard]'

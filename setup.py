@@ -1,8 +1,10 @@
-"""Build of the one compiled part, the CPU Gaussian sampler (src/dptorch/_gaussian_kernel.c).
+"""Build of the two compiled parts: the CPU Gaussian sampler (src/dptorch/_gaussian_kernel.c)
+and secure mode's float64 Box-Muller transform (src/dptorch/_secure_gaussian.c).
 
-Everything else is declared in pyproject.toml. The extension is optional: where no C compiler
-is available the install still succeeds and dptorch draws CPU noise with torch's sampler
-(``dptorch.cpu_sampler.cpu_sampler()`` says which is in use).
+Everything else is declared in pyproject.toml. Both extensions are optional: where no C
+compiler is available the install still succeeds and dptorch computes the same things with
+torch (``dptorch.cpu_sampler.cpu_sampler()`` and
+``dptorch.secure_random.compiled_transform_available()`` say which is in use).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
 class BuildWithOptionalOpenMP(build_ext):  # type: ignore[misc]
-    """Build with OpenMP where the compiler has it; without it (serial chunks) where not."""
+    """Build with OpenMP where the compiler has it; without it (one thread) where not."""
 
     def build_extension(self, ext: Any) -> None:
         if not OPENMP_FLAGS:
@@ -40,8 +42,8 @@ class BuildWithOptionalOpenMP(build_ext):  # type: ignore[misc]
             super().build_extension(ext)
         except Exception as error:  # any compiler or linker failure
             print(
-                f"dptorch: building the Gaussian kernel with OpenMP failed ({error}); "
-                "building it without (its chunks are then drawn by Python threads)"
+                f"dptorch: building {ext.name} with OpenMP failed ({error}); building it "
+                "without (it then runs on one thread, or on Python threads where it can)"
             )
             ext.extra_compile_args, ext.extra_link_args = plain_compile, plain_link
             super().build_extension(ext)
@@ -55,6 +57,12 @@ setup(
             sources=["src/dptorch/_gaussian_kernel.c"],
             extra_compile_args=compile_args,
             optional=True,
-        )
+        ),
+        Extension(
+            "dptorch._secure_gaussian",
+            sources=["src/dptorch/_secure_gaussian.c"],
+            extra_compile_args=compile_args,
+            optional=True,
+        ),
     ],
 )

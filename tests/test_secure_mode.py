@@ -21,6 +21,7 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import dptorch.optimizers.dp_optimizer as dp_optimizer
 import dptorch.secure_random as secure_random
 from dptorch import PrivacyEngine
 from dptorch.data import DPDataLoader, PoissonBatchSampler
@@ -345,7 +346,16 @@ def test_the_secure_release_carries_the_clipped_sum_over_the_expected_batch_size
         torch.testing.assert_close(secure_grad, ordinary, rtol=1e-5, atol=1e-7)
 
 
-def test_the_release_buffer_is_reused_and_never_handed_out() -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_release_buffer_is_reused_and_never_handed_out(
+    fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fused: the compiled one-pass release (float32 on the CPU), which needs no float64
+    # buffer; otherwise the float64 work buffer path (other devices, distributed sums).
+    if fused and not secure_random.compiled_transform_available():
+        pytest.skip("the compiled secure transform is not built")
+    if not fused:
+        monkeypatch.setattr(dp_optimizer, "_fuses_secure_release", lambda *_: False)
     model = nn.Linear(100, 100, bias=False)
     _, module, optimizer, _ = _secure_run(model, noise_multiplier=2.0)
     released = []
@@ -354,14 +364,18 @@ def test_the_release_buffer_is_reused_and_never_handed_out() -> None:
         (0.0 * module(torch.randn(BATCH, 100)).sum()).backward()
         optimizer.step()
         released.append(module.weight.grad)
-    (buffer,) = optimizer._release_buffers.secure_work_buffers()
-    assert buffer.dtype == torch.float64 and buffer.numel() == 100 * 100
+    work = optimizer._release_buffers.secure_work_buffers()
+    if fused:
+        assert work == []
+    else:
+        (buffer,) = work
+        assert buffer.dtype == torch.float64 and buffer.numel() == 100 * 100
     first, second = released
     assert first is not None and second is not None
     # Each step's gradient is its own tensor: a later step does not overwrite an earlier one.
-    storages = {buffer.untyped_storage().data_ptr()}
+    storages = {b.untyped_storage().data_ptr() for b in work}
     storages |= {g.untyped_storage().data_ptr() for g in (first, second)}
-    assert len(storages) == 3
+    assert len(storages) == len(work) + 2
     assert not torch.equal(first, second)
     for grad in (first, second):  # both released on the grid, with the right scale
         steps = grad.double() / noise_grid(2.0 / BATCH)

@@ -18,7 +18,10 @@ The stream is turned into numbers without losing randomness to floating point:
 * Bernoulli(p): a 64-bit integer compared, exactly, with ``ceil(p * 2^64)``;
 * Gaussians: Box-Muller (1958) in float64 on exact 52-bit uniforms, with the radius
   uniform drawn to full depth in the tail (see :func:`normal_from_words_`), so no region
-  of the support is cut off.
+  of the support is cut off. Where it was built, a compiled kernel
+  (``_secure_gaussian.c``) computes the same transform of the words in one vectorised pass,
+  to a few float64 ulps of the torch version (tested against it); the rare words that need
+  a deeper radius uniform (probability ``2^-52`` a pair) take the torch version.
 
 There is no seed and no ``get_state``: a secure run cannot be replayed, by design.
 Copying or pickling a :class:`SecureRandom` gives a freshly keyed, independent one, so a
@@ -27,10 +30,12 @@ stream is never duplicated (a copied stream would repeat the same noise).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import ModuleType
 from typing import Any, Literal
 
 import torch
@@ -47,6 +52,8 @@ __all__ = [
 ]
 
 Backend = Literal["auto", "aes-ctr", "os"]
+
+_logger = logging.getLogger(__name__)
 
 _REKEY_BYTES = 1 << 36  # 64 GiB per key: far below AES-CTR's birthday bound
 _MASK53 = (1 << 53) - 1
@@ -204,15 +211,15 @@ class SecureRandom:
         if len(self._children) < workers:
             self._children = [SecureRandom(self.backend) for _ in range(workers)]
         parts = out.chunk(workers)
-        jobs = [
-            _workers().submit(c._normal_into, p)
+        jobs = [  # each part on one thread: the parts are the parallelism
+            _workers().submit(c._normal_into, p, 1.0, 1)
             for c, p in zip(self._children, parts, strict=False)
         ]
         for job in jobs:
             job.result()
         return out
 
-    def _normal_into(self, out: Tensor, scale: float = 1.0) -> Tensor:
+    def _normal_into(self, out: Tensor, scale: float = 1.0, threads: int | None = None) -> Tensor:
         count = out.numel()
         with self._scratch_lock:
             for start in range(0, count, _CHUNK):
@@ -222,13 +229,50 @@ class SecureRandom:
                     self._scratch = bytearray(8 * words + 15)
                 self._fill(self._scratch, 8 * words)
                 bits = torch.frombuffer(self._scratch, dtype=torch.int64, count=words)
-                # The scratch words are consumed in place (no temporaries of the draw's size).
                 target = out[start : start + size]
+                if _compiled_transform(bits, target, scale, threads):
+                    continue
+                # The scratch words are consumed in place (no temporaries of the draw's size).
                 if words == size:
                     normal_from_words_(bits, self.words, out=target, scale=scale)
                 else:  # an odd count: one draw of the last pair is dropped
                     target.copy_(normal_from_words_(bits, self.words, scale=scale)[:size])
         return out
+
+    def snapped_release_(self, sums: Tensor, std: float, scale: float, grid: float) -> Tensor:
+        """Overwrite the float32 CPU ``sums`` with ``grid * round(z + scale * sums)``, ``z``
+        fresh ``N(0, std^2)`` float64 draws (``std`` and ``scale`` in units of ``grid``).
+
+        Secure mode's release in one pass of the compiled kernel (``release`` in
+        ``_secure_gaussian.c``): the values of drawing ``z`` with :meth:`normal`, adding the
+        scaled sums in float64 and :func:`dptorch.noise.snap_to_grid`, without the float64
+        buffer. Needs :func:`compiled_transform_available`. A chunk whose words need a
+        deeper radius uniform (probability ``2^-52`` a pair) is computed in torch instead.
+        """
+        if _TRANSFORM is None:
+            raise DPValueError("snapped_release_: the compiled secure transform is not built.")
+        if sums.dtype != torch.float32 or sums.device.type != "cpu" or not sums.is_contiguous():
+            raise DPValueError("snapped_release_: sums must be a contiguous float32 CPU tensor.")
+        flat = sums.view(-1)
+        count = flat.numel()
+        threads = torch.get_num_threads()
+        with self._scratch_lock:
+            for start in range(0, count, _CHUNK):
+                size = min(_CHUNK, count - start)
+                words = 2 * ((size + 1) // 2)
+                if len(self._scratch) < 8 * words + 15:
+                    self._scratch = bytearray(8 * words + 15)
+                self._fill(self._scratch, 8 * words)
+                bits = torch.frombuffer(self._scratch, dtype=torch.int64, count=words)
+                target = flat[start : start + size]
+                deep = _TRANSFORM.release(
+                    bits.data_ptr(), target.data_ptr(), size, std, scale, grid, threads
+                )
+                if deep:  # nothing was written: the torch transform draws the depth
+                    noise = normal_from_words_(bits, self.words, scale=std)[:size]
+                    released = noise.add_(target.double(), alpha=scale).round_().mul_(grid)
+                    target.copy_(released)
+        return sums
 
     def seed(self) -> int:
         """A 63-bit seed for a torch generator that only needs to be unpredictable.
@@ -332,6 +376,44 @@ def normal_from_words_(
     torch.cos(angle, out=out[:half]).mul_(radius)
     torch.sin(angle, out=out[half:]).mul_(radius)
     return out
+
+
+def _load_transform() -> ModuleType | None:
+    try:
+        from dptorch import _secure_gaussian  # type: ignore[attr-defined]
+    except ImportError as error:  # built without a compiler, or an unsupported platform
+        _logger.info("dptorch's compiled secure transform is unavailable (%s); using torch", error)
+        return None
+    return _secure_gaussian
+
+
+_TRANSFORM = _load_transform()
+
+
+def compiled_transform_available() -> bool:
+    """Whether the float64 Box-Muller of :func:`normal_from_words_` runs compiled
+    (``_secure_gaussian.c``: one vectorised pass instead of eleven torch passes)."""
+    return _TRANSFORM is not None
+
+
+def _compiled_transform(
+    words: Tensor, out: Tensor, scale: float, threads: int | None = None
+) -> bool:
+    """``out`` = :func:`normal_from_words_` of ``words`` (read only) by the compiled kernel.
+
+    Returns False, writing nothing useful, where the kernel is missing or a radius word needs
+    a deeper uniform (probability ``2^-52`` a pair): the caller then runs the torch transform
+    on the same words, which draws that depth. ``threads``: OpenMP threads (torch's count by
+    default).
+    """
+    if _TRANSFORM is None:
+        return False
+    if threads is None:
+        threads = torch.get_num_threads()
+    deep = _TRANSFORM.transform(
+        words.data_ptr(), out.data_ptr(), out.numel(), float(scale), threads
+    )
+    return deep == 0
 
 
 _PARALLEL_MIN = 1 << 18  # below this a draw takes a few ms on one core: not worth threads

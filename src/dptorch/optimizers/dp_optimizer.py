@@ -27,7 +27,7 @@ from dptorch.fsdp import ShardedGradientSync
 from dptorch.noise import gaussian_noise, noise_dtype, secure_grid, snap_to_grid
 from dptorch.optimizers.release_buffers import ReleaseBuffers
 from dptorch.per_sample.engine import ClippedBatch, ClipPlan, LossReduction, PerSampleEngine
-from dptorch.secure_random import SecureRandom
+from dptorch.secure_random import SecureRandom, compiled_transform_available
 from dptorch.validation import check_noise_multiplier, check_positive_number
 
 StepHook = Callable[["DPOptimizer"], None]
@@ -384,6 +384,12 @@ class DPOptimizer(Optimizer):
             sizes = [p.numel() for p in members]
             # The memory the released gradients will view: last step's, if free again.
             reusable = self._release_buffers.reusable((device, dtype), sum(sizes))
+            if grid is not None and sync is None and _fuses_secure_release(device, dtype):
+                flat = self._secure_release_in_one_pass(
+                    plan, pending, members, sizes, reusable, std / unit, scale, unit
+                )
+                self._hand_out(members, sizes, flat, (device, dtype))
+                continue
             work = reusable
             if grid is not None and dtype != torch.float64:
                 # Secure mode works in float64 and snaps into the release buffer at the end.
@@ -407,13 +413,59 @@ class DPOptimizer(Optimizer):
             if grid is not None:
                 snapped_into = reusable if work is not reusable else None
                 flat = snap_to_grid(flat, grid, dtype, out=snapped_into)
-            released: list[Tensor] = []
-            for param, noisy in zip(members, flat.split(sizes), strict=True):
-                grad = noisy.view(param.shape).to(param.dtype)
-                param.grad = grad
-                self.engine.note_released(param, grad)
-                released.append(grad)
-            self._release_buffers.keep((device, dtype), flat, released)
+            self._hand_out(members, sizes, flat, (device, dtype))
+
+    def _secure_release_in_one_pass(
+        self,
+        plan: ClipPlan,
+        pending: ClippedBatch | None,
+        members: list[nn.Parameter],
+        sizes: list[int],
+        buffer: Tensor | None,
+        std_units: float,
+        scale: float,
+        grid: float,
+    ) -> Tensor:
+        """Secure mode's release of a float32 CPU group without a float64 buffer.
+
+        The clipped sums are accumulated in float32 into the release buffer (as the ordinary
+        release accumulates them into its noise), then the compiled kernel replaces each sum
+        ``s`` by ``grid * round(z + scale * s)`` with ``z`` drawn in float64 at
+        ``std_units``: the values of the float64 path below (noise, plus the scaled sum in
+        float64, snapped), in one pass.
+        """
+        assert isinstance(self.generator, SecureRandom)
+        flat = buffer if buffer is not None else torch.empty(sum(sizes), dtype=torch.float32)
+        flat.zero_()
+        for param, sums in zip(members, flat.split(sizes), strict=True):
+            view = sums.view(param.shape)
+            earlier = pending.sums.get(param) if pending is not None else None
+            if earlier is not None:
+                view.add_(earlier)
+            plan.add_sum_(param, view)
+        return self.generator.snapped_release_(flat, std_units, scale, grid)
+
+    def _hand_out(
+        self,
+        members: list[nn.Parameter],
+        sizes: list[int],
+        flat: Tensor,
+        key: tuple[torch.device, torch.dtype],
+    ) -> None:
+        """Set each member's ``.grad`` to its view of the released ``flat`` buffer."""
+        released: list[Tensor] = []
+        for param, noisy in zip(members, flat.split(sizes), strict=True):
+            grad = noisy.view(param.shape).to(param.dtype)
+            param.grad = grad
+            self.engine.note_released(param, grad)
+            released.append(grad)
+        self._release_buffers.keep(key, flat, released)
+
+
+def _fuses_secure_release(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether secure mode's release of a (device, dtype) group runs as one compiled pass:
+    float32 groups on the CPU, where the secure transform was built."""
+    return device.type == "cpu" and dtype == torch.float32 and compiled_transform_available()
 
 
 def _warn_nonfinite(clipped: ClippedBatch) -> None:

@@ -59,7 +59,8 @@ class ReleaseBuffers:
         self._buffers[key] = (buffer, [weakref.ref(grad) for grad in handed_out])
 
     def secure_work(self, key: GroupKey, numel: int) -> Tensor:
-        """Secure mode's float64 work buffer for a group whose dtype is not float64.
+        """Secure mode's float64 work buffer for a group whose dtype is not float64, where
+        the release is not one compiled pass (off the CPU, distributed sums, no kernel).
 
         The release is computed in it and snapped into the group's release buffer in its own
         dtype, so nothing the user can hold aliases it, and it is kept on every device.
