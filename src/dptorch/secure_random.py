@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, Literal
@@ -222,13 +223,8 @@ class SecureRandom:
     def _normal_into(self, out: Tensor, scale: float = 1.0, threads: int | None = None) -> Tensor:
         count = out.numel()
         with self._scratch_lock:
-            for start in range(0, count, _CHUNK):
-                size = min(_CHUNK, count - start)
-                words = 2 * ((size + 1) // 2)
-                if len(self._scratch) < 8 * words + 15:
-                    self._scratch = bytearray(8 * words + 15)
-                self._fill(self._scratch, 8 * words)
-                bits = torch.frombuffer(self._scratch, dtype=torch.int64, count=words)
+            for start, size, bits in self._word_chunks(count):
+                words = bits.numel()
                 target = out[start : start + size]
                 if _compiled_transform(bits, target, scale, threads):
                     continue
@@ -238,6 +234,18 @@ class SecureRandom:
                 else:  # an odd count: one draw of the last pair is dropped
                     target.copy_(normal_from_words_(bits, self.words, scale=scale)[:size])
         return out
+
+    def _word_chunks(self, count: int) -> Iterator[tuple[int, int, Tensor]]:
+        """``(start, size, words)`` per chunk of a draw of ``count`` values: ``2 ceil(size /
+        2)`` fresh int64 words in the reused scratch, valid until the next chunk is made.
+        Hold ``_scratch_lock`` while iterating."""
+        for start in range(0, count, _CHUNK):
+            size = min(_CHUNK, count - start)
+            words = 2 * ((size + 1) // 2)
+            if len(self._scratch) < 8 * words + 15:
+                self._scratch = bytearray(8 * words + 15)
+            self._fill(self._scratch, 8 * words)
+            yield start, size, torch.frombuffer(self._scratch, dtype=torch.int64, count=words)
 
     def snapped_release_(self, sums: Tensor, std: float, scale: float, grid: float) -> Tensor:
         """Overwrite the float32 CPU ``sums`` with ``grid * round(z + scale * sums)``, ``z``
@@ -257,13 +265,7 @@ class SecureRandom:
         count = flat.numel()
         threads = torch.get_num_threads()
         with self._scratch_lock:
-            for start in range(0, count, _CHUNK):
-                size = min(_CHUNK, count - start)
-                words = 2 * ((size + 1) // 2)
-                if len(self._scratch) < 8 * words + 15:
-                    self._scratch = bytearray(8 * words + 15)
-                self._fill(self._scratch, 8 * words)
-                bits = torch.frombuffer(self._scratch, dtype=torch.int64, count=words)
+            for start, size, bits in self._word_chunks(count):
                 target = flat[start : start + size]
                 deep = _TRANSFORM.release(
                     bits.data_ptr(), target.data_ptr(), size, std, scale, grid, threads
