@@ -75,12 +75,15 @@ def gaussian_noise(
         return _secure_noise(shape, std, device, generator, out)
     if out is None:
         out = torch.empty(shape, dtype=expected, device=device)
-    out = out.view(shape)
+    elif out.shape != shape:
+        out = out.view(shape)
     if std == 0:
         return out.zero_()
     workers = _parallel_workers(out)
     if uses_kernel(out):
-        return _kernel_normal_(out.view(-1), std, generator, workers).view(shape)
+        flat = out if out.dim() == 1 else out.view(-1)
+        _kernel_normal_(flat, std, generator, workers)
+        return out
     if workers < 2:
         return out.normal_(mean=0.0, std=std, generator=generator)
     return _parallel_normal_(out.view(-1), std, generator, workers).view(shape)
@@ -111,6 +114,8 @@ def _kernel_normal_(
 
     The seeds come from ``generator``, so the result is a deterministic function of its state.
     """
+    if workers == 1:
+        return kernel_normal_(flat, std, _chunk_seeds(generator, 1)[0])
     chunks = flat.chunk(workers)
     seeds = _chunk_seeds(generator, len(chunks))
     if len(chunks) == 1:

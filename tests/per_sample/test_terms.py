@@ -21,13 +21,20 @@ def _generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def _outer(rows: int, cols: int, groups: int = 1, dtype: torch.dtype = torch.float32) -> OuterTerm:
+def _outer(
+    rows: int,
+    cols: int,
+    groups: int = 1,
+    dtype: torch.dtype = torch.float32,
+    positions: int = T,
+    batch: int = B,
+) -> OuterTerm:
     g = _generator()
     param = nn.Parameter(torch.zeros(groups * rows, cols, dtype=dtype))
     return OuterTerm(
         param,
-        torch.randn(B, groups, T, rows, generator=g).to(dtype),
-        torch.randn(B, groups, T, cols, generator=g).to(dtype),
+        torch.randn(batch, groups, positions, rows, generator=g).to(dtype),
+        torch.randn(batch, groups, positions, cols, generator=g).to(dtype),
     )
 
 
@@ -57,6 +64,9 @@ TERMS = {
     "outer, narrow rows": lambda: _outer(2, 6),
     "outer, narrow cols": lambda: _outer(6, 2),
     "outer, 2 groups": lambda: _outer(3, 4, groups=2),
+    # One position ([B, in] Linear calls): a single addmm, the factors on the narrower side.
+    "outer, one position, narrow rows": lambda: _outer(2, 6, positions=1),
+    "outer, one position, narrow cols": lambda: _outer(6, 2, positions=1),
     "outer, index rows": _index_term,
     "outer, instantiated": _instantiated,
 }
@@ -68,7 +78,7 @@ def _one_at_a_time(term: GradTerm, factors: Tensor) -> Tensor:
         return sum(factors[i] * term.grad_sample[i] for i in range(B))
     total = torch.zeros_like(term.param, dtype=torch.float64)
     for i in range(B):
-        for t in range(T):
+        for t in range(term.cols.shape[2]):
             cols = term.cols[i, :, t].double()  # [g, C]
             if isinstance(term.rows, IndexRows):
                 if term.rows.index[i, t] == term.rows.ignore:
@@ -108,6 +118,33 @@ def test_nonfinite_example_with_factor_zero_adds_nothing(kind: str) -> None:
     term.add_weighted_sum_(out, factors, ALPHA, sanitize=True)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ALPHA * term.weighted_sum(factors, sanitize=True))
+
+
+def test_one_position_sum_equals_the_batched_contraction() -> None:
+    """The single-matrix path (addmm) and the batched one (baddbmm) give the same sum."""
+    for rows, cols in [(2, 6), (6, 2), (4, 4)]:
+        term = _outer(rows, cols, positions=1)
+        assert term._is_one_dense_matrix()
+        factors = torch.rand(B, generator=torch.Generator().manual_seed(1))
+        start = torch.randn(term.param.shape, generator=torch.Generator().manual_seed(2))
+        fast, batched = start.clone(), start.clone()
+        term.add_weighted_sum_(fast, factors, ALPHA)
+        # Two positions, the second all zeros: the same gradient through the batched path.
+        padded = OuterTerm(
+            term.param,
+            torch.cat([term.rows, torch.zeros_like(term.rows)], dim=2),
+            torch.cat([term.cols, torch.zeros_like(term.cols)], dim=2),
+        )
+        assert not padded._is_one_dense_matrix()
+        padded.add_weighted_sum_(batched, factors, ALPHA)
+        torch.testing.assert_close(fast, batched)
+
+
+def test_one_position_sum_of_an_empty_batch_leaves_the_buffer() -> None:
+    term = _outer(3, 4, positions=1, batch=0)
+    out = torch.ones(term.param.shape)
+    term.add_weighted_sum_(out, torch.zeros(0), ALPHA)
+    torch.testing.assert_close(out, torch.ones(term.param.shape))
 
 
 def test_half_precision_terms_add_into_a_float32_buffer() -> None:

@@ -388,7 +388,7 @@ class DPOptimizer(Optimizer):
                 flat = self._secure_release_in_one_pass(
                     plan, pending, members, sizes, reusable, std / unit, scale, unit
                 )
-                self._hand_out(members, sizes, flat, (device, dtype))
+                self._hand_out(members, _param_views(members, sizes, flat), flat, (device, dtype))
                 continue
             work = reusable
             if grid is not None and dtype != torch.float64:
@@ -402,8 +402,8 @@ class DPOptimizer(Optimizer):
                 generator=self.generator,
                 out=work,
             )
-            for param, noise in zip(members, flat.split(sizes), strict=True):
-                view = noise.view(param.shape)
+            views = _param_views(members, sizes, flat)
+            for param, view in zip(members, views, strict=True):
                 earlier = pending.sums.get(param) if pending is not None else None
                 if earlier is not None:
                     view.add_(earlier, alpha=scale)
@@ -413,7 +413,8 @@ class DPOptimizer(Optimizer):
             if grid is not None:
                 snapped_into = reusable if work is not reusable else None
                 flat = snap_to_grid(flat, grid, dtype, out=snapped_into)
-            self._hand_out(members, sizes, flat, (device, dtype))
+                views = _param_views(members, sizes, flat)
+            self._hand_out(members, views, flat, (device, dtype))
 
     def _secure_release_in_one_pass(
         self,
@@ -437,8 +438,7 @@ class DPOptimizer(Optimizer):
         assert isinstance(self.generator, SecureRandom)
         flat = buffer if buffer is not None else torch.empty(sum(sizes), dtype=torch.float32)
         flat.zero_()
-        for param, sums in zip(members, flat.split(sizes), strict=True):
-            view = sums.view(param.shape)
+        for param, view in zip(members, _param_views(members, sizes, flat), strict=True):
             earlier = pending.sums.get(param) if pending is not None else None
             if earlier is not None:
                 view.add_(earlier)
@@ -448,18 +448,26 @@ class DPOptimizer(Optimizer):
     def _hand_out(
         self,
         members: list[nn.Parameter],
-        sizes: list[int],
+        views: list[Tensor],
         flat: Tensor,
         key: tuple[torch.device, torch.dtype],
     ) -> None:
-        """Set each member's ``.grad`` to its view of the released ``flat`` buffer."""
+        """Set each member's ``.grad`` to its view of the released ``flat`` buffer (a copy in
+        the parameter's dtype where that differs from the release's)."""
         released: list[Tensor] = []
-        for param, noisy in zip(members, flat.split(sizes), strict=True):
-            grad = noisy.view(param.shape).to(param.dtype)
+        for param, view in zip(members, views, strict=True):
+            grad = view if view.dtype == param.dtype else view.to(param.dtype)
             param.grad = grad
             self.engine.note_released(param, grad)
             released.append(grad)
         self._release_buffers.keep(key, flat, released)
+
+
+def _param_views(members: list[nn.Parameter], sizes: list[int], flat: Tensor) -> list[Tensor]:
+    """Each member's slice of ``flat``, shaped like the member (views: writes go to ``flat``)."""
+    return [
+        chunk.view(param.shape) for param, chunk in zip(members, flat.split(sizes), strict=True)
+    ]
 
 
 def _fuses_secure_release(device: torch.device, dtype: torch.dtype) -> bool:
