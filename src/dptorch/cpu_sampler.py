@@ -21,27 +21,15 @@ reaches 6.66 std, torch's 5.77); neither is a cryptographic generator. Secure mo
 
 from __future__ import annotations
 
-import logging
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from dptorch._extensions import load_optional_extension
 from dptorch.errors import DPValueError
 
-_logger = logging.getLogger(__name__)
-
-
-def _load_kernel() -> ModuleType | None:
-    try:
-        from dptorch import _gaussian_kernel  # type: ignore[attr-defined]
-    except ImportError as error:  # built without a compiler, or an unsupported platform
-        _logger.info("dptorch's compiled Gaussian kernel is unavailable (%s); using torch's", error)
-        return None
-    return _gaussian_kernel
-
-
-_KERNEL = _load_kernel()
+_KERNEL = load_optional_extension("_gaussian_kernel", "compiled Gaussian kernel", "torch's sampler")
 SAMPLERS = ("kernel", "torch")
 _choice = "kernel" if _KERNEL is not None else "torch"
 

@@ -30,18 +30,17 @@ stream is never duplicated (a copied stream would repeat the same noise).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from types import ModuleType
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from dptorch._extensions import load_optional_extension
 from dptorch.errors import DPValueError, MissingDependencyError
 
 __all__ = [
@@ -54,7 +53,6 @@ __all__ = [
 
 Backend = Literal["auto", "aes-ctr", "os"]
 
-_logger = logging.getLogger(__name__)
 
 _REKEY_BYTES = 1 << 36  # 64 GiB per key: far below AES-CTR's birthday bound
 _MASK53 = (1 << 53) - 1
@@ -380,16 +378,7 @@ def normal_from_words_(
     return out
 
 
-def _load_transform() -> ModuleType | None:
-    try:
-        from dptorch import _secure_gaussian  # type: ignore[attr-defined]
-    except ImportError as error:  # built without a compiler, or an unsupported platform
-        _logger.info("dptorch's compiled secure transform is unavailable (%s); using torch", error)
-        return None
-    return _secure_gaussian
-
-
-_TRANSFORM = _load_transform()
+_TRANSFORM = load_optional_extension("_secure_gaussian", "compiled secure transform", "torch")
 
 
 def compiled_transform_available() -> bool:
