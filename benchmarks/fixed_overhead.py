@@ -17,7 +17,6 @@ parameter costs a real model per step on top of its arithmetic and its noise.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -143,12 +142,7 @@ def write(result: dict[str, object], total_s: float) -> None:
             f"| {extra_us[phase]:.0f} |"
         )
     lines.append(f"| total | | | {sum(extra_us.values()):.0f} |")
-    training.RESULTS.mkdir(exist_ok=True)
-    (training.RESULTS / "fixed_overhead.json").write_text(
-        json.dumps({"meta": meta, **result}, indent=2) + "\n"
-    )
-    (training.RESULTS / "fixed_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    training.save_results("fixed_overhead", {"meta": meta, **result}, lines)
 
 
 def main() -> None:

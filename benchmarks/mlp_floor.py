@@ -16,7 +16,6 @@ competitor: the gap between it and dptorch is dptorch's own bookkeeping.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -116,12 +115,7 @@ def write(result: dict[str, object], total_s: float) -> None:
         "|---|---|---|",
     ]
     lines += [f"| {mode} | {ms[mode]:.2f} | {ratio[mode]:.2f}x |" for mode in ms]
-    training.RESULTS.mkdir(exist_ok=True)
-    (training.RESULTS / "mlp_floor.json").write_text(
-        json.dumps({"meta": meta, **result}, indent=2) + "\n"
-    )
-    (training.RESULTS / "mlp_floor.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    training.save_results("mlp_floor", {"meta": meta, **result}, lines)
 
 
 def main() -> None:

@@ -552,6 +552,15 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
+def save_results(stem: str, payload: dict[str, Any], markdown: list[str]) -> None:
+    """Write ``results/<stem>.json`` (``payload``) and ``results/<stem>.md`` (the lines), and
+    print the markdown."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(markdown) + "\n")
+    print("\n".join(markdown))
+
+
 def run_meta(total_s: float) -> dict[str, Any]:
     """What every results file records about its run: commit, torch, CPU, duration."""
     commit = _git("rev-parse", "HEAD").strip() or "unknown"
