@@ -464,10 +464,33 @@ class DPOptimizer(Optimizer):
 
 
 def _param_views(members: list[nn.Parameter], sizes: list[int], flat: Tensor) -> list[Tensor]:
-    """Each member's slice of ``flat``, shaped like the member (views: writes go to ``flat``)."""
-    return [
-        chunk.view(param.shape) for param, chunk in zip(members, flat.split(sizes), strict=True)
-    ]
+    """Each member's slice of ``flat``, shaped like the member (views: writes go to ``flat``).
+
+    For the contiguous 1-D buffers the release uses, each view is made in one ``as_strided``
+    on ``flat`` itself: the same views as ``split`` then ``view``, in a fifth of the time (a
+    view of a split chunk costs ~5 us, every parameter, every step).
+    """
+    if flat.dim() != 1 or not flat.is_contiguous():
+        return [
+            chunk.view(param.shape) for param, chunk in zip(members, flat.split(sizes), strict=True)
+        ]
+    views: list[Tensor] = []
+    offset = flat.storage_offset()
+    for param, size in zip(members, sizes, strict=True):
+        shape = param.shape
+        views.append(flat.as_strided(shape, _contiguous_strides(shape), offset))
+        offset += size
+    return views
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape`` (row-major)."""
+    strides: list[int] = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _fuses_secure_release(device: torch.device, dtype: torch.dtype) -> bool:
@@ -518,7 +541,8 @@ def _merged_stats(
 ) -> ClippedBatch:
     """Norms, factors and counts of two disjoint parts of one logical batch, with ``sums``."""
     if pending is None:
-        return replace(new, sums=sums)
+        # ``replace`` re-runs the dataclass's __init__ (~10 us a step); skip it for no change.
+        return new if not sums and not new.sums else replace(new, sums=sums)
     return replace(
         pending,
         sums=sums,

@@ -111,7 +111,8 @@ class DenseTerm:
         if sanitize or not _writes_into(out, grads):
             out.add_(self.weighted_sum(factors, sanitize), alpha=alpha)
             return
-        out.view(-1).addmv_(grads.t(), factors.to(grads.dtype), alpha=alpha)
+        vector = out if out.dim() == 1 else out.view(-1)
+        vector.addmv_(grads.t(), factors.to(grads.dtype), alpha=alpha)
 
 
 @dataclass(eq=False)
@@ -336,7 +337,9 @@ class OuterTerm:
             rows = rows * weights
         else:
             cols = cols * weights
-        out.view(rows.shape[1], c).addmm_(rows.t(), cols, alpha=alpha)
+        shape = (rows.shape[1], c)
+        matrix = out if out.shape == shape else out.view(shape)  # a Linear's weight already is
+        matrix.addmm_(rows.t(), cols, alpha=alpha)
 
     def _scaled_factors(self, factors: Tensor, sanitize: bool) -> tuple[RowFactor, Tensor]:
         """``rows`` and ``cols`` with each example's clipping factor applied to one of them."""
