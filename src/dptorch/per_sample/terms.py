@@ -328,15 +328,11 @@ class OuterTerm:
         this one spares its permutes and reshapes, which on a small layer cost as much as
         the product (a few microseconds each, per parameter, per step).
         """
-        assert isinstance(self.rows, Tensor)
-        b, _, _, c = self.cols.shape
-        rows = self.rows.reshape(b, self.rows.shape[3])
-        cols = self.cols.reshape(b, c)
-        weights = factors.to(cols.dtype).unsqueeze(1)
-        if rows.shape[1] < c:
-            rows = rows * weights
-        else:
-            cols = cols * weights
+        scaled_rows, scaled_cols = self._scaled_factors(factors, sanitize=False)
+        assert isinstance(scaled_rows, Tensor)
+        b, _, _, c = scaled_cols.shape
+        rows = scaled_rows.reshape(b, scaled_rows.shape[3])
+        cols = scaled_cols.reshape(b, c)
         shape = (rows.shape[1], c)
         matrix = out if out.shape == shape else out.view(shape)  # a Linear's weight already is
         matrix.addmm_(rows.t(), cols, alpha=alpha)
