@@ -27,6 +27,34 @@ def test_automatic_clipping_normalises_every_example_below_the_norm() -> None:
     assert policy.sensitivity == 2.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_flat_clipping_factors_are_min_one_c_over_n_and_zero_where_not_finite(
+    dtype: torch.dtype,
+) -> None:
+    norms = torch.tensor([0.0, 0.5, 2.0, 20.0, float("nan"), float("inf")], dtype=dtype)
+    factors = FlatClipping(2.0).factors(norms)
+    expected = torch.tensor([1.0, 1.0, 1.0, 0.1, 0.0, 0.0], dtype=dtype)
+    assert factors.dtype == dtype
+    torch.testing.assert_close(factors, expected)
+
+
+@pytest.mark.parametrize("policy", [FlatClipping(1.0), AutomaticClipping(1.0)])
+def test_clipping_factors_never_read_the_norms_back_to_the_host(
+    policy: FlatClipping | AutomaticClipping, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On an accelerator a read-back (float(), .item(), bool()) stalls until the device is
+    # done; the engine's own finiteness count is the step's one read-back.
+    def refuse(self: Tensor, *args: object) -> None:
+        raise AssertionError("the clipping factors read a tensor back to the host")
+
+    norms = torch.tensor([0.5, 3.0, float("nan")])
+    for name in ("__float__", "__bool__", "item", "tolist"):
+        monkeypatch.setattr(Tensor, name, refuse)
+    factors = policy.factors(norms)
+    monkeypatch.undo()
+    assert factors[2].item() == 0.0 and 0 < factors[1].item() < 1
+
+
 @pytest.mark.parametrize("kwargs", [{"stability": 0.0}, {"stability": -1.0}])
 def test_automatic_clipping_refuses_a_non_positive_stability(kwargs: dict[str, float]) -> None:
     with pytest.raises(DPValueError, match="stability"):

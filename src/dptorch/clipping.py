@@ -43,14 +43,15 @@ class FlatClipping:
         return float(self.max_grad_norm)
 
     def factors(self, norms: Tensor) -> Tensor:
-        """``[B]`` factors ``min(1, C / n_i)``; 0 where ``n_i`` is NaN or infinite."""
-        if math.isfinite(float(norms.sum())):  # a NaN or inf anywhere makes the sum one
-            return self.max_grad_norm / torch.clamp(norms, min=self.max_grad_norm)
-        finite = torch.isfinite(norms)
-        safe = torch.where(finite, norms, torch.ones_like(norms))
-        # C / max(n, C) == min(1, C / n) and never divides by zero.
-        factors = self.max_grad_norm / torch.clamp(safe, min=self.max_grad_norm)
-        return torch.where(finite, factors, torch.zeros_like(factors))
+        """``[B]`` factors ``min(1, C / n_i)`` of norms ``n_i >= 0``; 0 where ``n_i`` is NaN or
+        infinite.
+
+        Computed on the norms' device without reading them back (no host synchronisation):
+        ``C / max(n, C)`` equals ``min(1, C / n)``, never divides by zero and is already 0 at
+        ``n = inf``; a NaN norm stays NaN through ``clamp`` and is then set to 0.
+        """
+        factors = self.max_grad_norm / torch.clamp(norms, min=self.max_grad_norm)
+        return factors.nan_to_num_(nan=0.0)
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,10 @@ class AutomaticClipping:
         return float(self.max_grad_norm)
 
     def factors(self, norms: Tensor) -> Tensor:
-        finite = torch.isfinite(norms)
-        safe = torch.where(finite, norms, torch.zeros_like(norms))
-        factors = self.max_grad_norm / (safe + self.stability)
-        return torch.where(finite, factors, torch.zeros_like(factors))
+        """``[B]`` factors ``C / (n_i + gamma)`` of norms ``n_i >= 0``; 0 where ``n_i`` is NaN or
+        infinite (``C / inf`` is 0 already; a NaN factor is set to 0)."""
+        factors = self.max_grad_norm / (norms + self.stability)
+        return factors.nan_to_num_(nan=0.0)
 
 
 class PerLayerClipping:
