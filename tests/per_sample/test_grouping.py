@@ -104,6 +104,56 @@ def test_recomputed_conv_terms_are_grouped_exactly(
     test_views_of_one_example_are_averaged_then_clipped_once(case, "instantiate")
 
 
+# A layer called twice forms its calls' gradients again in any case: the norm of their sum
+# needs them (as without multiplicity).
+ONE_CALL_CONV_CASES = [
+    c for c in GROUPED_CASES if c.name.startswith("conv") and "twice" not in c.name
+]
+
+
+@pytest.mark.parametrize("case", ONE_CALL_CONV_CASES, ids=str)
+def test_recomputed_conv_rows_are_formed_once_under_multiplicity(
+    case: LayerCase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backward pass takes the norms of each example's mean over its rows, so the step
+    never forms the rows' per-example gradients again to group them."""
+    from dptorch.per_sample.rules import conv
+
+    formed: list[int] = []
+    original = conv.per_example_weight_grads
+
+    def counting(x: Tensor, grad: Tensor, module: nn.Module) -> Tensor:
+        formed.append(x.shape[0])
+        return original(x, grad, module)
+
+    monkeypatch.setattr(conv, "per_example_weight_grads", counting)
+    test_recomputed_conv_terms_are_grouped_exactly(case, monkeypatch)
+    assert sum(formed) == EXAMPLES * VIEWS  # each row once (the oracle runs plain autograd)
+
+
+def test_a_recomputed_term_over_single_rows_is_still_grouped_exactly() -> None:
+    """A term whose norms are of single rows (a registered rule's) is formed and averaged."""
+    from dptorch.per_sample.grouping import group_rows
+    from dptorch.per_sample.terms import RecomputedTerm
+
+    param = nn.Parameter(torch.zeros(2, 3))
+    rows = torch.randn(EXAMPLES * VIEWS, 2, 3, dtype=torch.float64)
+    term = RecomputedTerm(
+        param,
+        rows.flatten(1).pow(2).sum(dim=1),
+        form=lambda: rows,
+        contract=lambda f, sanitize: (rows * f[:, None, None]).sum(dim=0),
+    )
+    grouped = group_rows(term, VIEWS)
+    means = rows.reshape(EXAMPLES, VIEWS, 2, 3).mean(dim=1)
+    assert grouped.batch_size == EXAMPLES
+    torch.testing.assert_close(grouped.norm_sq(), means.flatten(1).pow(2).sum(dim=1))
+    factors = torch.rand(EXAMPLES, dtype=torch.float64)
+    torch.testing.assert_close(
+        grouped.weighted_sum(factors), (means * factors[:, None, None]).sum(dim=0)
+    )
+
+
 def _private_linear(views: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     model = nn.Linear(3, 2)
     loader = DataLoader(TensorDataset(torch.zeros(DATASET, 1)), batch_size=LOADER_BATCH)

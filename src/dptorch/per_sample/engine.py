@@ -170,7 +170,9 @@ class PerSampleEngine:
         self._verify_pending = verify
         captured = modules_to_capture(module, self.trainable)
         self.capture = ActivationCapture(captured, on_complete=self._evaluate_early)
-        self._context = RuleContext(batch_first, self.trainable, self.capture, norm_route)
+        self._context = RuleContext(
+            batch_first, self.trainable, self.capture, norm_route, augmentation_multiplicity
+        )
         swaps = {
             m: [n for n, p in m._parameters.items() if p is not None and p in self.trainable]
             for m in captured.values()

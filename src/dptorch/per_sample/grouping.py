@@ -37,6 +37,8 @@ def group_rows(term: GradTerm, multiplicity: int) -> GradTerm:
     if multiplicity == 1:
         return term
     examples = term.batch_size // multiplicity
+    if isinstance(term, RecomputedTerm) and term.rows_per_norm == multiplicity:
+        return _grouped_recomputed(term, examples, multiplicity)
     if isinstance(term, RecomputedTerm):
         # Its norms are of single rows; the mean over each example's rows needs the
         # per-row gradients themselves.
@@ -51,6 +53,21 @@ def group_rows(term: GradTerm, multiplicity: int) -> GradTerm:
         index = term.rows.index.reshape(examples, multiplicity * positions)
         return OuterTerm(term.param, IndexRows(index, term.rows.size, term.rows.ignore), cols)
     return OuterTerm(term.param, _fold(term.rows, examples, multiplicity), cols)
+
+
+def _grouped_recomputed(term: RecomputedTerm, examples: int, multiplicity: int) -> RecomputedTerm:
+    """A recomputed term whose norms are already of example means, over examples: example
+    ``i``'s factor ``c_i`` weights each of its rows by ``c_i / K`` in the row contraction."""
+    rows_form, rows_contract = term.form, term.contract
+
+    def form() -> Tensor:
+        grads = rows_form()
+        return grads.reshape(examples, multiplicity, *grads.shape[1:]).mean(dim=1)
+
+    def contract(factors: Tensor, sanitize: bool) -> Tensor:
+        return rows_contract(factors.repeat_interleave(multiplicity) / multiplicity, sanitize)
+
+    return RecomputedTerm(term.param, term.norms_sq, form, contract)
 
 
 def _fold(factor: Tensor, examples: int, multiplicity: int) -> Tensor:

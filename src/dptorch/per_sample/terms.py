@@ -364,21 +364,30 @@ class RecomputedTerm:
     ``sum_i c_i g_i`` directly from the layer's input and output gradient (for a convolution,
     its ordinary batched weight gradient with each example's output gradient scaled by
     ``c_i``). Exact: the same clipped sum as the instantiated term, up to float rounding.
+
+    With augmentation multiplicity the norms may already be those of each example's mean
+    gradient over its ``rows_per_norm`` consecutive rows, taken in the backward pass; the term
+    still counts rows (``batch_size``, ``form``, ``contract``) until
+    :func:`~dptorch.per_sample.grouping.group_rows` turns it into a term over examples
+    without forming anything.
     """
 
     param: Tensor
     norms_sq: Tensor
     form: Callable[[], Tensor] = field(repr=False)
     contract: Callable[[Tensor, bool], Tensor] = field(repr=False)
+    rows_per_norm: int = 1
 
     @property
     def batch_size(self) -> int:
-        return self.norms_sq.shape[0]
+        return self.norms_sq.shape[0] * self.rows_per_norm
 
     def instantiate(self) -> Tensor:
         return self.form()
 
     def norm_sq(self, route: NormRoute = "auto", grams: RowGrams | None = None) -> Tensor:
+        if self.rows_per_norm != 1:
+            raise RuntimeError("a term over grouped rows must be grouped (group_rows) first")
         return self.norms_sq
 
     def weighted_sum(self, factors: Tensor, sanitize: bool = False) -> Tensor:

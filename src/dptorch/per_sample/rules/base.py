@@ -26,12 +26,17 @@ class RuleContext:
         norm_route: the engine's route setting, for rules whose ghost and instantiated forms
             need different factors (convolution); rules returning outer-product terms can
             ignore it, the terms choose for themselves.
+        rows_per_example: ``K`` consecutive batch rows per example (augmentation
+            multiplicity). A rule may ignore it (the engine groups every term's rows before
+            the norms are taken); one that takes norms inside the backward pass uses it to
+            take them of each example's mean gradient instead of each row's.
     """
 
     batch_first: bool
     trainable: frozenset[Tensor]
     capture: ActivationCapture
     norm_route: NormRoute = "auto"
+    rows_per_example: int = 1
 
     def wants(self, param: Tensor | None) -> bool:
         return param is not None and param in self.trainable

@@ -248,19 +248,31 @@ def per_example_weight_grads(x: Tensor, grad: Tensor, conv: ConvNd) -> Tensor:
     return per_sample_conv_weight_grads(x, grad, conv)
 
 
-def _recomputed_weight_term(conv: ConvNd, x: Tensor, grad: Tensor) -> RecomputedTerm:
+def _recomputed_weight_term(
+    conv: ConvNd, x: Tensor, grad: Tensor, rows_per_example: int = 1
+) -> RecomputedTerm:
     """The weight's per-example norms, formed a slice of the batch at a time and freed; its
     weighted sum recomputed from ``x`` and ``grad`` when the factors are known.
 
     Each slice's gradients (and patches) are at most about as large as the ``x`` and
     ``grad`` the term keeps, so forming them never costs more memory than keeping them.
+    With ``rows_per_example = K > 1`` the slices hold whole examples and the norms are those
+    of each example's mean over its ``K`` rows, the ones the clipping needs: the rows'
+    gradients are then never formed again to group them.
     """
     batch = x.shape[0]
+    group = rows_per_example if rows_per_example > 1 and batch % rows_per_example == 0 else 1
     per_example_kept = (x.numel() + grad.numel()) // batch
     slice_size = max(1, batch * per_example_kept // conv.weight.numel())
+    slice_size = max(group, slice_size - slice_size % group)  # whole examples per slice
+
+    def slice_norms_sq(xs: Tensor, gs: Tensor) -> Tensor:
+        grads = per_example_weight_grads(xs, gs, conv).reshape(xs.shape[0] // group, group, -1)
+        return rowwise_sq_norm(grads[:, 0] if group == 1 else grads.mean(dim=1))
+
     norms_sq = torch.cat(
         [
-            rowwise_sq_norm(per_example_weight_grads(xs, gs, conv).reshape(xs.shape[0], -1))
+            slice_norms_sq(xs, gs)
             for xs, gs in zip(x.split(slice_size), grad.split(slice_size), strict=True)
         ]
     )
@@ -271,7 +283,7 @@ def _recomputed_weight_term(conv: ConvNd, x: Tensor, grad: Tensor) -> Recomputed
     def contract(factors: Tensor, sanitize: bool) -> Tensor:
         return weighted_conv_weight_grad(x, grad, conv, factors, sanitize)
 
-    return RecomputedTerm(conv.weight, norms_sq, form, contract)
+    return RecomputedTerm(conv.weight, norms_sq, form, contract, rows_per_norm=group)
 
 
 def conv_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> list[GradTerm]:
@@ -289,7 +301,7 @@ def conv_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> list[G
         )
         if not ghost and batch > 0:
             if _recompute_saves_memory(module, x, out_grad):
-                terms.append(_recomputed_weight_term(module, x, out_grad))
+                terms.append(_recomputed_weight_term(module, x, out_grad, ctx.rows_per_example))
             else:
                 grads = per_example_weight_grads(x, out_grad, module)
                 terms.append(DenseTerm(module.weight, grads))
