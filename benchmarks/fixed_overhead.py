@@ -121,13 +121,10 @@ def _median(values: list[float]) -> float:
 
 def write(result: dict[str, object], total_s: float) -> None:
     meta = training.run_meta(total_s)
-    commit, dirty = meta["commit"], meta["uncommitted_changes"]
     median_us, extra_us = result["median_us"], result["extra_us"]
     assert isinstance(median_us, dict) and isinstance(extra_us, dict)
     lines = [
-        f"# Fixed per-step overhead: commit {commit[:10]}"
-        f"{' (uncommitted changes)' if dirty else ''}, torch {meta['torch']}, {meta['cpu']}, "
-        f"1 thread, {total_s / 60:.1f} min",
+        training.results_heading("Fixed per-step overhead", meta, threads=1),
         "",
         "Command: `.venv/bin/python benchmarks/fixed_overhead.py`. A 3-layer MLP of width "
         f"{WIDTH}, batch {BATCH}; plain and dptorch alternate in blocks of {BLOCK_STEPS} "

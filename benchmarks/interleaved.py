@@ -97,6 +97,13 @@ def alternate(steps: dict[str, Callable[[], Any]], blocks: int, reference: str) 
     }
 
 
+def alternate_table(result: dict[str, Any], digits: int = 2) -> list[str]:
+    """Markdown rows of an :func:`alternate` result: each step's median and its ratio."""
+    ms, ratio = result["median_ms"], result["median_block_ratio"]
+    lines = ["| step | median ms | ms / plain (median over blocks) |", "|---|---|---|"]
+    return lines + [f"| {mode} | {ms[mode]:.{digits}f} | {ratio[mode]:.2f}x |" for mode in ms]
+
+
 def run_models(
     models: list[str], modes: list[str], blocks: int, retain_memory: bool = False
 ) -> list[dict[str, Any]]:

@@ -100,21 +100,14 @@ def measure(blocks: int) -> dict[str, object]:
 
 def write(result: dict[str, object], total_s: float) -> None:
     meta = training.run_meta(total_s)
-    commit, dirty = meta["commit"], meta["uncommitted_changes"]
-    ms = result["median_ms"]
-    ratio = result["median_block_ratio"]
-    assert isinstance(ms, dict) and isinstance(ratio, dict)
     lines = [
-        f"# MLP step floor: commit {commit[:10]}{' (uncommitted changes)' if dirty else ''}, "
-        f"torch {meta['torch']}, {meta['cpu']}, 2 threads, {total_s / 60:.1f} min",
+        training.results_heading("MLP step floor", meta, training.THREADS),
         "",
         "Command: `.venv/bin/python benchmarks/mlp_floor.py`. Steps alternate in blocks of "
         f"{interleaved.BLOCK_STEPS}; {result['blocks']} blocks.",
         "",
-        "| step | median ms | ms / plain (median over blocks) |",
-        "|---|---|---|",
+        *interleaved.alternate_table(result),
     ]
-    lines += [f"| {mode} | {ms[mode]:.2f} | {ratio[mode]:.2f}x |" for mode in ms]
     training.save_results("mlp_floor", {"meta": meta, **result}, lines)
 
 

@@ -84,25 +84,18 @@ def measure(views: int, examples: int, blocks: int) -> dict[str, object]:
 
 def write(result: dict[str, object], total_s: float) -> None:
     meta = training.run_meta(total_s)
-    commit, dirty = meta["commit"], meta["uncommitted_changes"]
-    ms, ratio = result["median_ms"], result["median_block_ratio"]
     views, examples = result["views"], result["examples"]
-    assert isinstance(ms, dict) and isinstance(ratio, dict)
     assert isinstance(views, int) and isinstance(examples, int)
     lines = [
-        f"# Augmentation multiplicity, step cost: commit {commit[:10]}"
-        f"{' (uncommitted changes)' if dirty else ''}, torch {meta['torch']}, {meta['cpu']}, "
-        f"{training.THREADS} threads, {total_s / 60:.1f} min",
+        training.results_heading("Augmentation multiplicity, step cost", meta, training.THREADS),
         "",
         "Command: `.venv/bin/python benchmarks/multiplicity_step.py "
         f"--views {views} --examples {examples}`. The recipe's tanh CNN on {views * examples} "
         f"rows; steps alternate in blocks of {interleaved.BLOCK_STEPS}, {result['blocks']} "
         "blocks.",
         "",
-        "| step | median ms | ms / plain (median over blocks) |",
-        "|---|---|---|",
+        *interleaved.alternate_table(result, digits=1),
     ]
-    lines += [f"| {mode} | {ms[mode]:.1f} | {ratio[mode]:.2f}x |" for mode in ms]
     training.save_results("multiplicity_step", {"meta": meta, **result}, lines)
 
 

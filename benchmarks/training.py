@@ -561,6 +561,16 @@ def save_results(stem: str, payload: dict[str, Any], markdown: list[str]) -> Non
     print("\n".join(markdown))
 
 
+def results_heading(title: str, meta: dict[str, Any], threads: int) -> str:
+    """A results file's first line: ``title``, commit (flagged if the tree was dirty), torch,
+    CPU, threads and duration, from :func:`run_meta`'s ``meta``."""
+    dirty = " (uncommitted changes)" if meta["uncommitted_changes"] else ""
+    return (
+        f"# {title}: commit {meta['commit'][:10]}{dirty}, torch {meta['torch']}, {meta['cpu']}, "
+        f"{threads} thread{'s' if threads != 1 else ''}, {meta['total_seconds'] / 60:.1f} min"
+    )
+
+
 def run_meta(total_s: float) -> dict[str, Any]:
     """What every results file records about its run: commit, torch, CPU, duration."""
     commit = _git("rev-parse", "HEAD").strip() or "unknown"
