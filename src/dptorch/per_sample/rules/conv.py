@@ -267,8 +267,10 @@ def _recomputed_weight_term(
     slice_size = max(group, slice_size - slice_size % group)  # whole examples per slice
 
     def slice_norms_sq(xs: Tensor, gs: Tensor) -> Tensor:
-        grads = per_example_weight_grads(xs, gs, conv).reshape(xs.shape[0] // group, group, -1)
-        return rowwise_sq_norm(grads[:, 0] if group == 1 else grads.mean(dim=1))
+        grads = per_example_weight_grads(xs, gs, conv).reshape(xs.shape[0], -1)
+        if group > 1:  # each example's mean over its rows
+            grads = grads.view(-1, group, grads.shape[1]).mean(dim=1)
+        return rowwise_sq_norm(grads)
 
     norms_sq = torch.cat(
         [

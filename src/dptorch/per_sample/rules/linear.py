@@ -57,11 +57,14 @@ def _single_position_terms(
     # The bias gradient IS the output gradient (a view). torch's CPU sum over size-1
     # dimensions is not free (~0.3 ms for [256, 1, 1, 512]).
     grad = rows.reshape(batch, module.out_features)
-    grad_sq = rowwise_sq_norm(grad)
+    # With several rows per example the norms clipped are those of each example's mean over
+    # its rows, which the engine takes after grouping: per-row norms would go unused.
+    grad_sq = rowwise_sq_norm(grad) if ctx.rows_per_example == 1 else None
     terms: list[GradTerm] = []
     if wants_weight:
         weight = OuterTerm(module.weight, rows=rows, cols=cols)
-        if ctx.norm_route != "instantiate" and weight.cheaper_route() == "ghost":
+        ghost = ctx.norm_route != "instantiate" and weight.cheaper_route() == "ghost"
+        if grad_sq is not None and ghost:
             inputs_sq = rowwise_sq_norm(cols.reshape(batch, module.in_features))
             weight.known_norm_sq = grad_sq * inputs_sq
         terms.append(weight)
