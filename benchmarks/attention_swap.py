@@ -14,12 +14,17 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import training  # the benchmarks' training step
 
 from dptorch import PrivacyEngine
 from dptorch.layers import DPMultiheadAttention
@@ -50,14 +55,7 @@ def _step_fn(mode: str, x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-un
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=1.0, max_grad_norm=1.0,
         )  # fmt: skip
-    criterion = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        optimizer.zero_grad()
-        criterion(model(x), y).backward()
-        optimizer.step()
-
-    return step
+    return training.training_step(model, optimizer, nn.CrossEntropyLoss(), x, y)
 
 
 def main() -> None:

@@ -11,6 +11,10 @@ with the same arithmetic and nothing else: the forward keeps each layer's input,
 and each layer's clipped sum is accumulated into its view of the noise by one ``addmm_``. It
 has no checks, no hooks and no accounting, so it is a floor for eager PyTorch, not a
 competitor: the gap between it and dptorch is dptorch's own bookkeeping.
+
+The same two private steps built with noise multiplier 0 (both then zero-fill the noise
+buffer instead of drawing it) alternate in the same blocks, so one run also says what the
+noise costs each of them and whether the gap to the floor depends on it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import argparse
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -58,8 +63,11 @@ def hand_written_step() -> Callable[[], None]:
             norm_sq += a.square().sum(1) * g_sq + g_sq
         norms = norm_sq.sqrt() * batch  # the mean loss scales every output gradient by 1/B
         factors = (training.MAX_GRAD_NORM / (norms + 1e-6)).clamp_(max=1.0)
-        seeds = torch.randint(0, 2**63 - 1, (torch.get_num_threads(),), generator=generator)
-        kernel_normal_chunks_(noise, std, seeds.tolist())
+        if std == 0:
+            noise.zero_()  # what dptorch does at noise multiplier 0
+        else:
+            seeds = torch.randint(0, 2**63 - 1, (torch.get_num_threads(),), generator=generator)
+            kernel_normal_chunks_(noise, std, seeds.tolist())
         views = noise.split(sizes)
         for k, (a, g) in enumerate(zip(inputs, grads, strict=True)):
             scaled = g * factors[:, None]  # g already carries 1/B: this is c_i g_i / B
@@ -85,6 +93,20 @@ def hand_written_step() -> Callable[[], None]:
     return step
 
 
+@contextmanager
+def _noise_multiplier(value: float) -> Iterator[None]:
+    """Build steps with ``training.NOISE_MULTIPLIER`` set to ``value`` (restored after)."""
+    saved = training.NOISE_MULTIPLIER
+    training.NOISE_MULTIPLIER = value
+    try:
+        yield
+    finally:
+        training.NOISE_MULTIPLIER = saved
+
+
+NOISELESS = " (noise multiplier 0)"
+
+
 def measure(blocks: int) -> dict[str, object]:
     torch.set_num_threads(training.THREADS)
     warnings.simplefilter("ignore")
@@ -93,9 +115,24 @@ def measure(blocks: int) -> dict[str, object]:
         "dptorch-auto": training._prepare("mlp", "dptorch-auto")[0],
         "hand-written private step": hand_written_step(),
     }
+    with _noise_multiplier(0.0):
+        steps["dptorch-auto" + NOISELESS] = training._prepare("mlp", "dptorch-auto")[0]
+        steps["hand-written private step" + NOISELESS] = hand_written_step()
     for step in [*steps.values(), *steps.values()]:
         step()
     return interleaved.alternate(steps, blocks, "plain")
+
+
+def _differences(ms: dict[str, float]) -> list[str]:
+    """What the noise costs each private step, and dptorch's gap to the floor with and
+    without it (median step times; differences of medians, so only roughly additive)."""
+    dp, floor = "dptorch-auto", "hand-written private step"
+    return [
+        f"- the noise: dptorch {ms[dp] - ms[dp + NOISELESS]:.2f} ms, the floor "
+        f"{ms[floor] - ms[floor + NOISELESS]:.2f} ms a step;",
+        f"- dptorch minus the floor: {ms[dp] - ms[floor]:.2f} ms with noise, "
+        f"{ms[dp + NOISELESS] - ms[floor + NOISELESS]:.2f} ms without.",
+    ]
 
 
 def write(result: dict[str, object], total_s: float) -> None:
@@ -107,6 +144,8 @@ def write(result: dict[str, object], total_s: float) -> None:
         f"{interleaved.BLOCK_STEPS}; {result['blocks']} blocks.",
         "",
         *interleaved.alternate_table(result),
+        "",
+        *_differences(result["median_ms"]),  # type: ignore[arg-type]
     ]
     training.save_results("mlp_floor", {"meta": meta, **result}, lines)
 

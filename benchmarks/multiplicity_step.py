@@ -54,14 +54,7 @@ def _step(views: int, rows: tuple[torch.Tensor, torch.Tensor], private: bool) ->
             max_grad_norm=0.1,
             augmentation_multiplicity=views,
         )
-    criterion = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        optimizer.zero_grad()
-        criterion(model(x), y).backward()
-        optimizer.step()
-
-    return step
+    return training.training_step(model, optimizer, nn.CrossEntropyLoss(), x, y)
 
 
 def measure(views: int, examples: int, blocks: int) -> dict[str, object]:
