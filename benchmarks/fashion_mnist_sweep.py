@@ -65,6 +65,11 @@ def main() -> None:
     parser.add_argument("--prior", choices=["none", "dead-leaves"], default="none")
     parser.add_argument("--prior-steps", type=int, default=4000)
     parser.add_argument("--prior-file", type=Path, default=None)
+    parser.add_argument(
+        "--shift-average",
+        action="store_true",
+        help="also score the last epoch with predictions averaged over one-pixel shifts",
+    )
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -118,6 +123,12 @@ def main() -> None:
             for decay, ema in emas.items():
                 with ema.applied():
                     row[f"ema{decay}"] = recipe.accuracy(model, validation)
+            if epoch + 1 == args.epochs and args.shift_average:
+                # The same weights scored by the shift-averaged prediction rule: a paired
+                # comparison, free of the run-to-run spread of separate trainings.
+                row["raw+shifts"] = recipe.accuracy(model, validation, shift_average=True)
+                with emas[0.99].applied():
+                    row["ema0.99+shifts"] = recipe.accuracy(model, validation, shift_average=True)
             history.append(row)
             print(row, f"{time.time() - started:.0f}s", flush=True)
     record = {

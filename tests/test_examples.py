@@ -118,6 +118,51 @@ def test_fashion_mnist_recipe_never_mirrors_a_digit() -> None:
     assert any(mirrored(recipe.AUGMENTATIONS["fashion-mnist"](image)) for _ in range(50))
 
 
+def test_shift_averaged_scores_average_the_five_shifted_predictions() -> None:
+    """The scores are the mean of the softmax over the image and its four one-pixel rolls,
+    each computed by hand; a prediction that depends on the position of a pixel changes."""
+    recipe = _load("fashion_mnist_recipe")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    images = torch.randn(3, 1, 28, 28)
+    expected = model(images).softmax(dim=1)
+    for rows, cols in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        shifted = torch.cat([images[:, :, -rows:], images[:, :, :-rows]], 2) if rows else images
+        shifted = torch.cat([shifted[..., -cols:], shifted[..., :-cols]], 3) if cols else shifted
+        expected += model(shifted).softmax(dim=1)
+    with torch.no_grad():
+        scores = recipe.shift_averaged_scores(model, images)
+        torch.testing.assert_close(scores, expected / 5)
+        torch.testing.assert_close(scores.sum(dim=1), torch.ones(3))
+        assert not torch.allclose(scores, model(images).softmax(dim=1))
+
+
+def test_accuracy_with_shift_average_scores_a_shift_invariant_model_the_same() -> None:
+    """A model that only sees the image's mean is blind to rolls: both rules agree."""
+    recipe = _load("fashion_mnist_recipe")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(1, 3)
+    )
+    data = TensorDataset(torch.randn(40, 1, 28, 28), torch.randint(0, 3, (40,)))
+    plain = recipe.accuracy(model, data, batch=16)
+    assert recipe.accuracy(model, data, batch=16, shift_average=True) == plain
+
+
+def test_fashion_mnist_recipe_scores_shift_averaged_predictions_on_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recipe = _load("fashion_mnist_recipe")
+    monkeypatch.setattr(recipe, "load_fashion_mnist", _fake_fashion_mnist)
+    plain = recipe.main(["--smoke", "--epsilon", "3"])
+    assert plain["test_accuracy_shift_averaged"] is None
+    both = recipe.main(["--smoke", "--epsilon", "3", "--shift-average"])
+    assert both["test_accuracy"] == plain["test_accuracy"]  # same seed, same weights
+    assert 0.0 <= both["test_accuracy_shift_averaged"] <= 1.0
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--model", "scatter-linear", "--shift-average"])
+
+
 def test_fashion_mnist_recipe_prior_changes_neither_sigma_nor_epsilon(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
