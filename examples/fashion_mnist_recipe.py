@@ -493,7 +493,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--shift-average",
         action="store_true",
         help="also score the test set with predictions averaged over the image and its four "
-        "one-pixel shifts (post-processing, no privacy cost): test_accuracy_shift_averaged",
+        "one-pixel shifts (post-processing, no privacy cost): test_accuracy_shift_averaged. "
+        "The shifts are rolls, meant for MNIST's empty border; on Fashion-MNIST a garment's "
+        "edge wraps to the other side (untested there)",
     )
     parser.add_argument("--validation", type=int, default=5000)
     parser.add_argument("--eval-every", type=int, default=5)
