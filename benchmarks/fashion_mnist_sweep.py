@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Subset
 
 from dptorch import BatchMemoryManager, PrivacyEngine
 from dptorch.averaging import ParameterEMA
+from dptorch.clipping import CLIPPING_KINDS
 from dptorch.data import AugmentationMultiplicity, flatten_views
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -49,6 +50,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=4.0)
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--C", type=float, default=0.1)
+    parser.add_argument(
+        "--clipping",
+        choices=CLIPPING_KINDS,
+        default="flat",
+        help="make_private's clipping policy (C is adaptive clipping's initial norm)",
+    )
     parser.add_argument("--eps", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sched", choices=["none", "cos"], default="none")
@@ -70,7 +77,15 @@ def main() -> None:
         action="store_true",
         help="also score the last epoch with predictions averaged over one-pixel shifts",
     )
+    parser.add_argument(
+        "--flip-average",
+        action="store_true",
+        help="also score the last epoch with predictions averaged over the image and its "
+        "mirror image (Fashion-MNIST only)",
+    )
     args = parser.parse_args()
+    if args.flip_average and args.dataset != "fashion-mnist":
+        parser.error("--flip-average mirrors garments; a mirrored digit is no digit")
 
     torch.manual_seed(args.seed)
     train_full, _ = recipe.load_dataset(args.dataset)  # the test split is not used
@@ -96,12 +111,15 @@ def main() -> None:
         target_delta=1e-5,
         max_grad_norm=args.C,
         epochs=args.epochs,
+        clipping=args.clipping,
         augmentation_multiplicity=args.augmentations,
     )
     emas = {decay: ParameterEMA(model, decay=decay) for decay in (0.9, 0.99)}
     total_steps, step = args.epochs * len(loader), 0
     criterion = nn.CrossEntropyLoss()
     started, history = time.time(), []
+    asked = {"shifts": args.shift_average, "flips": args.flip_average}
+    averaged_rules = [rule for rule, wanted in asked.items() if wanted]  # scored at the end
     for epoch in range(args.epochs):
         with BatchMemoryManager(
             data_loader=loader, max_physical_batch_size=1024, optimizer=optimizer
@@ -123,12 +141,12 @@ def main() -> None:
             for decay, ema in emas.items():
                 with ema.applied():
                     row[f"ema{decay}"] = recipe.accuracy(model, validation)
-            if epoch + 1 == args.epochs and args.shift_average:
-                # The same weights scored by the shift-averaged prediction rule: a paired
+            for rule in averaged_rules if epoch + 1 == args.epochs else []:
+                # The same weights scored by an averaged prediction rule: a paired
                 # comparison, free of the run-to-run spread of separate trainings.
-                row["raw+shifts"] = recipe.accuracy(model, validation, shift_average=True)
+                row[f"raw+{rule}"] = recipe.accuracy(model, validation, rule=rule)
                 with emas[0.99].applied():
-                    row["ema0.99+shifts"] = recipe.accuracy(model, validation, shift_average=True)
+                    row[f"ema0.99+{rule}"] = recipe.accuracy(model, validation, rule=rule)
             history.append(row)
             print(row, f"{time.time() - started:.0f}s", flush=True)
     record = {

@@ -11,6 +11,10 @@ epsilon, one dot per run, the non-private mean as a line), where DATASET is
     .venv/bin/python benchmarks/recipe_table.py --dataset mnist      # MNIST
     .venv/bin/python benchmarks/recipe_table.py --dataset mnist \
         --input benchmarks/results/mnist_scatter.jsonl --stem mnist_scatter
+
+``--rule shifts`` (or ``flips``) tabulates the test accuracy the runs recorded under that
+prediction rule (``--shift-average`` / ``--flip-average`` of the recipe) instead of the plain
+one.
 """
 
 from __future__ import annotations
@@ -27,12 +31,26 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 TITLES = {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST"}
+# The field of a run's record holding its test accuracy under each prediction rule.
+SCORE_FIELDS = {
+    "plain": "test_accuracy",
+    "shifts": "test_accuracy_shift_averaged",
+    "flips": "test_accuracy_flip_averaged",
+}
 
 
-def load(path: Path, dataset: str) -> list[dict[str, Any]]:
-    """The non-smoke runs of ``dataset`` in the JSON lines at ``path``."""
+def load(path: Path, dataset: str, field: str = "test_accuracy") -> list[dict[str, Any]]:
+    """The non-smoke runs of ``dataset`` in the JSON lines at ``path``, each with its
+    accuracy under the chosen prediction rule (``field``) as ``"test_accuracy"``."""
     runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in runs if r["dataset"] == dataset]
+    chosen = [r for r in runs if r["dataset"] == dataset]
+    unscored = [r["seed"] for r in chosen if r.get(field) is None]
+    if unscored:
+        raise SystemExit(
+            f"{path}: the runs of seeds {unscored} have no {field!r}; run them with the "
+            "recipe flag of that prediction rule, or choose another --rule."
+        )
+    return [{**r, "test_accuracy": r[field]} for r in chosen]
 
 
 def group(runs: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
@@ -126,16 +144,20 @@ def main() -> None:
     parser.add_argument("--dataset", choices=sorted(TITLES), default="fashion-mnist")
     parser.add_argument("--input", type=Path, default=None, help="default: DATASET_recipe.jsonl")
     parser.add_argument("--stem", default=None, help="output file stem (default: DATASET)")
+    parser.add_argument(
+        "--rule", choices=sorted(SCORE_FIELDS), default="plain", help="prediction rule scored"
+    )
     args = parser.parse_args()
     dataset_stem = args.dataset.replace("-", "_")
     source = args.input or RESULTS / f"{dataset_stem}_recipe.jsonl"
     stem = args.stem or dataset_stem
-    groups = group(load(source, args.dataset))
+    groups = group(load(source, args.dataset, SCORE_FIELDS[args.rule]))
     markdown = table(groups)
+    rule = "" if args.rule == "plain" else f", the {args.rule[:-1]}-averaged prediction rule"
     (RESULTS / f"{stem}.md").write_text(
         f"{TITLES[args.dataset]}, `examples/fashion_mnist_recipe.py --model "
-        f"{models(groups)}` (raw runs: `{source.name}`), delta 1e-5, test set scored once "
-        "per run.\n\n" + markdown
+        f"{models(groups)}` (raw runs: `{source.name}`{rule}), delta 1e-5, test set scored "
+        "once per run.\n\n" + markdown
     )
     plot(groups, RESULTS / f"{stem}_privacy_utility.png", TITLES[args.dataset])
     print(markdown)

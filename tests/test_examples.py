@@ -81,6 +81,8 @@ def _fake_fashion_mnist() -> tuple[TensorDataset, TensorDataset]:
         ["--model", "scatter-linear", "--feature-norm", "private"],
         ["--prior", "dead-leaves"],  # convolutions pretrained on synthetic images
         ["--model", "tanh-cnn-linear-head", "--prior", "dead-leaves"],
+        ["--clipping", "automatic"],
+        ["--clipping", "adaptive"],  # its noisy count is inside the calibrated sigma
     ],
 )
 def test_fashion_mnist_recipe_runs(monkeypatch: pytest.MonkeyPatch, extra: list[str]) -> None:
@@ -146,7 +148,24 @@ def test_accuracy_with_shift_average_scores_a_shift_invariant_model_the_same() -
     )
     data = TensorDataset(torch.randn(40, 1, 28, 28), torch.randint(0, 3, (40,)))
     plain = recipe.accuracy(model, data, batch=16)
-    assert recipe.accuracy(model, data, batch=16, shift_average=True) == plain
+    assert recipe.accuracy(model, data, batch=16, rule="shifts") == plain
+    assert recipe.accuracy(model, data, batch=16, rule="flips") == plain
+
+
+def test_flip_averaged_scores_average_the_image_and_its_mirror() -> None:
+    """The mean of the softmax of an image and of its left-right mirror, built by hand; a
+    model that reads the left half only sees a different image after the flip."""
+    recipe = _load("fashion_mnist_recipe")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    images = torch.randn(3, 1, 28, 28)
+    mirrored = images[..., torch.arange(27, -1, -1)]
+    with torch.no_grad():
+        expected = (model(images).softmax(dim=1) + model(mirrored).softmax(dim=1)) / 2
+        scores = recipe.flip_averaged_scores(model, images)
+        torch.testing.assert_close(scores, expected)
+        torch.testing.assert_close(scores.sum(dim=1), torch.ones(3))
+        assert not torch.allclose(scores, model(images).softmax(dim=1))
 
 
 def test_fashion_mnist_recipe_scores_shift_averaged_predictions_on_request(
@@ -161,6 +180,41 @@ def test_fashion_mnist_recipe_scores_shift_averaged_predictions_on_request(
     assert 0.0 <= both["test_accuracy_shift_averaged"] <= 1.0
     with pytest.raises(SystemExit):
         recipe.parse_args(["--model", "scatter-linear", "--shift-average"])
+
+
+def test_fashion_mnist_recipe_scores_flip_averaged_predictions_on_garments_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recipe = _load("fashion_mnist_recipe")
+    monkeypatch.setattr(recipe, "load_fashion_mnist", _fake_fashion_mnist)
+    both = recipe.main(["--smoke", "--epsilon", "3", "--flip-average"])
+    assert 0.0 <= both["test_accuracy_flip_averaged"] <= 1.0
+    assert both["test_accuracy_shift_averaged"] is None
+    for refused in (["--dataset", "mnist"], ["--model", "scatter-linear"]):
+        with pytest.raises(SystemExit):
+            recipe.parse_args([*refused, "--flip-average"])
+
+
+@pytest.mark.parametrize("kind", ["flat", "automatic", "per_layer", "adaptive"])
+def test_fashion_mnist_recipe_hands_its_clipping_policy_to_the_engine(
+    monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    import dptorch.privacy_engine as engine_module
+
+    recipe = _load("fashion_mnist_recipe")
+    monkeypatch.setattr(recipe, "load_fashion_mnist", _fake_fashion_mnist)
+    asked: list[object] = []
+    original = engine_module.make_clipping_policy
+
+    def recording(kind: object, *args: object, **kwargs: object) -> object:
+        asked.append(kind)
+        return original(kind, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "make_clipping_policy", recording)
+    result = recipe.main(["--smoke", "--epsilon", "3", "--clipping", kind])
+    assert set(asked) == {kind}  # every calibration trial and the final engine got it
+    assert result["settings"]["clipping"] == kind
+    assert result["epsilon"] <= 3.0 + 1e-6
 
 
 def test_fashion_mnist_recipe_prior_changes_neither_sigma_nor_epsilon(
