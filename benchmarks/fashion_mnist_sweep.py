@@ -28,14 +28,15 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dptorch import BatchMemoryManager, PrivacyEngine
 from dptorch.averaging import ParameterEMA
-from dptorch.clipping import CLIPPING_KINDS
+from dptorch.clipping import CLIPPING_KINDS, AdaptiveClipping
 from dptorch.data import AugmentationMultiplicity, flatten_views
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -91,7 +92,8 @@ def main() -> None:
     train_full, _ = recipe.load_dataset(args.dataset)  # the test split is not used
     train_full = recipe.model_inputs(args.model, train_full)  # scattering features, if any
     n = len(train_full)
-    train, validation = Subset(train_full, range(n - 5000)), Subset(train_full, range(n - 5000, n))
+    train: Dataset[Any] = Subset(train_full, range(n - 5000))
+    validation = Subset(train_full, range(n - 5000, n))
     model = recipe.MODELS[args.model]()
     prior = recipe.apply_prior(model, args) if args.prior != "none" else None
     collate = None
@@ -147,6 +149,8 @@ def main() -> None:
                 row[f"raw+{rule}"] = recipe.accuracy(model, validation, rule=rule)
                 with emas[0.99].applied():
                     row[f"ema0.99+{rule}"] = recipe.accuracy(model, validation, rule=rule)
+            if isinstance(optimizer.clipping, AdaptiveClipping):  # C as its estimate moved it
+                row["clip_norm"] = optimizer.clipping.max_grad_norm
             history.append(row)
             print(row, f"{time.time() - started:.0f}s", flush=True)
     record = {
