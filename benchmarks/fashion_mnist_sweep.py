@@ -57,6 +57,12 @@ def main() -> None:
         default="flat",
         help="make_private's clipping policy (C is adaptive clipping's initial norm)",
     )
+    parser.add_argument(
+        "--target-quantile",
+        type=float,
+        default=0.5,
+        help="adaptive clipping's target fraction of unclipped examples",
+    )
     parser.add_argument("--eps", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sched", choices=["none", "cos"], default="none")
@@ -85,6 +91,8 @@ def main() -> None:
         "mirror image (Fashion-MNIST only)",
     )
     args = parser.parse_args()
+    if args.target_quantile != 0.5 and args.clipping != "adaptive":
+        parser.error("--target-quantile is adaptive clipping's; add --clipping adaptive")
     if args.flip_average and args.dataset != "fashion-mnist":
         parser.error("--flip-average mirrors garments; a mirrored digit is no digit")
 
@@ -105,6 +113,11 @@ def main() -> None:
     if args.feature_norm == "private":  # accounted: recorded on the engine's accountant
         model = recipe.with_private_feature_norm(model, train, engine.accountant, args.norm_noise)
     sgd = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    clipping: str | AdaptiveClipping = args.clipping
+    if args.clipping == "adaptive":  # the count noise make_private would give it, q N / 20
+        clipping = AdaptiveClipping(
+            args.C, target_unclipped_quantile=args.target_quantile, count_noise=args.batch / 20
+        )
     model, optimizer, loader = engine.make_private_with_epsilon(
         module=model,
         optimizer=sgd,
@@ -113,7 +126,7 @@ def main() -> None:
         target_delta=1e-5,
         max_grad_norm=args.C,
         epochs=args.epochs,
-        clipping=args.clipping,
+        clipping=clipping,
         augmentation_multiplicity=args.augmentations,
     )
     emas = {decay: ParameterEMA(model, decay=decay) for decay in (0.9, 0.99)}
