@@ -74,6 +74,12 @@ def main() -> None:
         default=1,
         help="augmentation multiplicity K (shifts; flips too on Fashion-MNIST)",
     )
+    parser.add_argument(
+        "--views",
+        choices=recipe.VIEW_CHOICES,
+        default="dataset",
+        help="the dataset's views (flips and shifts on Fashion-MNIST) or shifts only",
+    )
     parser.add_argument("--feature-norm", choices=["group", "private"], default="group")
     parser.add_argument("--norm-noise", type=float, default=8.0)
     parser.add_argument("--prior", choices=["none", "dead-leaves"], default="none")
@@ -106,7 +112,7 @@ def main() -> None:
     prior = recipe.apply_prior(model, args) if args.prior != "none" else None
     collate = None
     if args.augmentations > 1:  # K views per example, averaged before clipping
-        views = recipe.AUGMENTATIONS[args.dataset]  # shifts, and flips for Fashion-MNIST
+        views = recipe.augmentation_views(args.dataset, args.views)
         train = AugmentationMultiplicity(train, views, args.augmentations)
         collate = flatten_views
     engine = PrivacyEngine()

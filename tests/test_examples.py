@@ -82,6 +82,7 @@ def _fake_fashion_mnist() -> tuple[TensorDataset, TensorDataset]:
         ["--prior", "dead-leaves"],  # convolutions pretrained on synthetic images
         ["--model", "tanh-cnn-linear-head", "--prior", "dead-leaves"],
         ["--clipping", "automatic"],
+        ["--augmentations", "2", "--views", "shifts"],  # garments never mirrored
         ["--clipping", "adaptive"],  # its noisy count is inside the calibrated sigma
     ],
 )
@@ -118,6 +119,11 @@ def test_fashion_mnist_recipe_never_mirrors_a_digit() -> None:
     torch.manual_seed(0)
     assert not any(mirrored(recipe.AUGMENTATIONS["mnist"](image)) for _ in range(50))
     assert any(mirrored(recipe.AUGMENTATIONS["fashion-mnist"](image)) for _ in range(50))
+    # --views shifts: no mirror on either dataset; the default keeps each dataset's views.
+    for dataset in recipe.DATASETS:
+        shifts_only = recipe.augmentation_views(dataset, "shifts")
+        assert not any(mirrored(shifts_only(image)) for _ in range(50))
+        assert recipe.augmentation_views(dataset) is recipe.AUGMENTATIONS[dataset]
 
 
 def test_shift_averaged_scores_average_the_five_shifted_predictions() -> None:
