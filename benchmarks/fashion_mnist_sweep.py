@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from dptorch import BatchMemoryManager, PrivacyEngine
 from dptorch.averaging import ParameterEMA
-from dptorch.clipping import CLIPPING_KINDS, AdaptiveClipping
+from dptorch.clipping import CLIPPING_KINDS, AdaptiveClipping, default_count_noise
 from dptorch.data import AugmentationMultiplicity, flatten_views
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -99,8 +99,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.target_quantile != 0.5 and args.clipping != "adaptive":
         parser.error("--target-quantile is adaptive clipping's; add --clipping adaptive")
-    if args.flip_average and args.dataset != "fashion-mnist":
-        parser.error("--flip-average mirrors garments; a mirrored digit is no digit")
+    refusal = recipe.averaged_rule_refusal(
+        args.model, args.dataset, args.shift_average, args.flip_average
+    )
+    if refusal is not None:
+        parser.error(refusal)
 
     torch.manual_seed(args.seed)
     train_full, _ = recipe.load_dataset(args.dataset)  # the test split is not used
@@ -120,9 +123,11 @@ def main() -> None:
         model = recipe.with_private_feature_norm(model, train, engine.accountant, args.norm_noise)
     sgd = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     clipping: str | AdaptiveClipping = args.clipping
-    if args.clipping == "adaptive":  # the count noise make_private would give it, q N / 20
+    if args.clipping == "adaptive":  # as make_private builds it, with the target asked for
         clipping = AdaptiveClipping(
-            args.C, target_unclipped_quantile=args.target_quantile, count_noise=args.batch / 20
+            args.C,
+            target_unclipped_quantile=args.target_quantile,
+            count_noise=default_count_noise(args.batch),  # expected batch q N = args.batch
         )
     model, optimizer, loader = engine.make_private_with_epsilon(
         module=model,

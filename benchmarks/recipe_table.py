@@ -37,6 +37,7 @@ SCORE_FIELDS = {
     "shifts": "test_accuracy_shift_averaged",
     "flips": "test_accuracy_flip_averaged",
 }
+RULE_LABELS = {"shifts": "shift-averaged", "flips": "flip-averaged"}
 
 
 def load(path: Path, dataset: str, field: str = "test_accuracy") -> list[dict[str, Any]]:
@@ -153,7 +154,7 @@ def main() -> None:
     stem = args.stem or dataset_stem
     groups = group(load(source, args.dataset, SCORE_FIELDS[args.rule]))
     markdown = table(groups)
-    rule = "" if args.rule == "plain" else f", the {args.rule[:-1]}-averaged prediction rule"
+    rule = "" if args.rule == "plain" else f", the {RULE_LABELS[args.rule]} prediction rule"
     (RESULTS / f"{stem}.md").write_text(
         f"{TITLES[args.dataset]}, `examples/fashion_mnist_recipe.py --model "
         f"{models(groups)}` (raw runs: `{source.name}`{rule}), delta 1e-5, test set scored "

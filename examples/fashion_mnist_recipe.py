@@ -258,6 +258,25 @@ def plain_scores(model: nn.Module, images: Tensor) -> Tensor:
     return result
 
 
+def averaged_rule_refusal(
+    model: str, dataset: str, shift_average: bool, flip_average: bool
+) -> str | None:
+    """Why ``--shift-average`` / ``--flip-average`` cannot score ``model`` on ``dataset``
+    (None if they can): both move 28x28 pixels, and a mirrored digit is no digit."""
+    if shift_average and model in ON_SCATTERING:
+        return (
+            f"--shift-average shifts 28x28 images, but --model {model} reads precomputed "
+            "scattering features; use it with a CNN."
+        )
+    if flip_average and (model in ON_SCATTERING or dataset != "fashion-mnist"):
+        return (
+            "--flip-average mirrors 28x28 garments: use it with a CNN on --dataset "
+            f"fashion-mnist (got --model {model} --dataset {dataset}; a mirrored digit is no "
+            "digit, and scattering features are no image)."
+        )
+    return None
+
+
 # The prediction rules that accuracy() can score with, by name.
 PREDICTION_RULES: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
     "plain": plain_scores,
@@ -581,17 +600,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "reads fixed scattering features; use it with a CNN (tanh-cnn, "
             "tanh-cnn-linear-head or group-norm-cnn)."
         )
-    if args.shift_average and args.model in ON_SCATTERING:
-        parser.error(
-            f"--shift-average shifts 28x28 images, but --model {args.model} reads "
-            "precomputed scattering features; use it with a CNN."
-        )
-    if args.flip_average and (args.model in ON_SCATTERING or args.dataset != "fashion-mnist"):
-        parser.error(
-            "--flip-average mirrors 28x28 garments: use it with a CNN on --dataset "
-            f"fashion-mnist (got --model {args.model} --dataset {args.dataset}; a mirrored "
-            "digit is no digit, and scattering features are no image)."
-        )
+    refusal = averaged_rule_refusal(args.model, args.dataset, args.shift_average, args.flip_average)
+    if refusal is not None:
+        parser.error(refusal)
     if args.smoke:
         args.epochs, args.batch_size, args.physical_batch, args.eval_every = 1, 256, 128, 1
         args.prior_steps = min(args.prior_steps, 2)

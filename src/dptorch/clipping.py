@@ -274,6 +274,12 @@ ClippingPolicy = FlatClipping | AutomaticClipping | PerLayerClipping | AdaptiveC
 CLIPPING_KINDS = ("flat", "automatic", "per_layer", "adaptive")
 
 
+def default_count_noise(expected_batch_size: float) -> float:
+    """Adaptive clipping's count noise for an expected batch of ``q N`` examples: ``q N / 20``,
+    Andrew et al.'s suggestion (``make_private(clipping="adaptive")`` uses it)."""
+    return expected_batch_size / 20
+
+
 def make_clipping_policy(
     kind: str | ClippingPolicy,
     max_grad_norm: float | Sequence[float],
@@ -313,7 +319,9 @@ def make_clipping_policy(
     if kind == "automatic":
         return AutomaticClipping(float(max_grad_norm))
     if kind == "adaptive":
-        return AdaptiveClipping(float(max_grad_norm), count_noise=expected_batch_size / 20)
+        return AdaptiveClipping(
+            float(max_grad_norm), count_noise=default_count_noise(expected_batch_size)
+        )
     return FlatClipping(float(max_grad_norm))
 
 
