@@ -166,7 +166,9 @@ def time_steps(models: list[str], blocks: int) -> list[dict[str, Any]]:
     return results
 
 
-def write(draws: dict[str, float], steps: list[dict[str, Any]], total_s: float) -> None:
+def write(
+    draws: dict[str, float], steps: list[dict[str, Any]], total_s: float, models: str
+) -> None:
     meta = training.run_meta(total_s)
     commit, dirty = meta["commit"], meta["uncommitted_changes"]
     levels = list(draws)
@@ -174,7 +176,8 @@ def write(draws: dict[str, float], steps: list[dict[str, Any]], total_s: float) 
         f"# Noise kernel builds: commit {commit[:10]}{' (uncommitted changes)' if dirty else ''}"
         f", torch {meta['torch']}, {meta['cpu']}, {total_s / 60:.1f} min",
         "",
-        "Command: `.venv/bin/python benchmarks/kernel_builds.py`. Builds alternate.",
+        f"Command: `.venv/bin/python benchmarks/kernel_builds.py --models {models}`. Builds "
+        "alternate.",
         "",
         "| one draw of 670k values, 1 thread | ms |",
         "|---|---|",
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         draws = time_draws(_builds(Path(into)))
     print("one draw of 670k values: " + ", ".join(f"{k} {v:.3f} ms" for k, v in draws.items()))
     steps = time_steps(args.models.split(","), args.blocks)
-    write(draws, steps, time.perf_counter() - start)
+    write(draws, steps, time.perf_counter() - start, args.models)
 
 
 if __name__ == "__main__":
