@@ -97,6 +97,15 @@ def alternate(steps: dict[str, Callable[[], Any]], blocks: int, reference: str) 
     }
 
 
+def warm_and_alternate(
+    model: str, steps: dict[str, Callable[[], Any]], blocks: int, reference: str = "plain"
+) -> dict[str, Any]:
+    """Two warm-up steps of each, then :func:`alternate`; the result names ``model``."""
+    for step in [*steps.values(), *steps.values()]:
+        step()
+    return {"model": model, **alternate(steps, blocks, reference)}
+
+
 def alternate_table(result: dict[str, Any], digits: int = 2) -> list[str]:
     """Markdown rows of an :func:`alternate` result: each step's median and its ratio."""
     ms, ratio = result["median_ms"], result["median_block_ratio"]
@@ -108,11 +117,20 @@ def run_models(
     models: list[str], modes: list[str], blocks: int, retain_memory: bool = False
 ) -> list[dict[str, Any]]:
     """One fresh worker process per model; prints a line per model as it finishes."""
+    extra = ["--modes", ",".join(modes), "--blocks", str(blocks)]
+    extra += ["--retain-freed-memory"] if retain_memory else []
+    return run_worker_processes(__file__, models, extra)
+
+
+def run_worker_processes(
+    script: str, models: list[str], extra: list[str], digits: int = 2
+) -> list[dict[str, Any]]:
+    """Run ``script --worker MODEL *extra`` in a fresh process per model and collect the
+    result each prints after ``RESULT_TAG`` (a failed worker gives ``{"error": ...}``);
+    prints each model's ratios as it finishes."""
     results = []
     for model in models:
-        command = [sys.executable, __file__, "--worker", model]
-        command += ["--modes", ",".join(modes), "--blocks", str(blocks)]
-        command += ["--retain-freed-memory"] if retain_memory else []
+        command = [sys.executable, script, "--worker", model, *extra]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
         if not lines:
@@ -120,7 +138,7 @@ def run_models(
             print(f"{model:12s} failed: {results[-1]['error']}", flush=True)
             continue
         result = json.loads(lines[-1][len(RESULT_TAG) :])
-        ratios = ", ".join(f"{m} {r:.2f}x" for m, r in result["median_block_ratio"].items())
+        ratios = ", ".join(f"{m} {r:.{digits}f}x" for m, r in result["median_block_ratio"].items())
         print(f"{model:12s} {ratios}", flush=True)
         results.append(result)
     return results

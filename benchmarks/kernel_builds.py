@@ -144,26 +144,11 @@ def run_worker(model: str, blocks: int) -> dict[str, Any]:
         private = training._prepare(model, "dptorch-auto")[0]
         steps = {"plain": plain}
         steps.update({f"dptorch, {level}": _with_build(m, private) for level, m in builds.items()})
-        for step in [*steps.values(), *steps.values()]:
-            step()
-        return {"model": model, **interleaved.alternate(steps, blocks, "plain")}
+        return interleaved.warm_and_alternate(model, steps, blocks)
 
 
 def time_steps(models: list[str], blocks: int) -> list[dict[str, Any]]:
-    results = []
-    for model in models:
-        command = [sys.executable, __file__, "--worker", model, "--blocks", str(blocks)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        lines = [x for x in done.stdout.splitlines() if x.startswith(interleaved.RESULT_TAG)]
-        if not lines:
-            results.append({"model": model, "error": done.stderr.strip().splitlines()[-1:]})
-            print(f"{model:12s} failed: {results[-1]['error']}", flush=True)
-            continue
-        result = json.loads(lines[-1][len(interleaved.RESULT_TAG) :])
-        ratios = result["median_block_ratio"]
-        print(f"{model:12s} " + ", ".join(f"{m} {r:.3f}x" for m, r in ratios.items()), flush=True)
-        results.append(result)
-    return results
+    return interleaved.run_worker_processes(__file__, models, ["--blocks", str(blocks)], 3)
 
 
 def write(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -143,29 +142,11 @@ def run_worker(model: str, blocks: int) -> dict[str, Any]:
         "dptorch, kernel noise": _with_sampler("kernel", private),
         "dptorch, torch noise": _with_sampler("torch", private),
     }
-    for step in [*steps.values(), *steps.values()]:
-        step()
-    return {"model": model, **interleaved.alternate(steps, blocks, "plain")}
+    return interleaved.warm_and_alternate(model, steps, blocks)
 
 
 def time_steps(models: list[str], blocks: int) -> list[dict[str, Any]]:
-    results = []
-    for model in models:
-        command = [sys.executable, __file__, "--worker", model, "--blocks", str(blocks)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        lines = [x for x in done.stdout.splitlines() if x.startswith(interleaved.RESULT_TAG)]
-        if not lines:
-            results.append({"model": model, "error": done.stderr.strip().splitlines()[-1:]})
-            print(f"{model:12s} failed: {results[-1]['error']}", flush=True)
-            continue
-        result = json.loads(lines[-1][len(interleaved.RESULT_TAG) :])
-        print(
-            f"{model:12s} "
-            + ", ".join(f"{m} {r:.2f}x" for m, r in result["median_block_ratio"].items()),
-            flush=True,
-        )
-        results.append(result)
-    return results
+    return interleaved.run_worker_processes(__file__, models, ["--blocks", str(blocks)], 2)
 
 
 def write(
