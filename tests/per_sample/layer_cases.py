@@ -254,6 +254,17 @@ CASES: list[LayerCase] = [
         lambda: nn.Conv2d(3, 3, 3, padding="valid", groups=3),
         _randn(3, 6, 6),
     ),
+    # One input channel per group (dptorch's forward-convolution instantiation applies).
+    LayerCase(
+        "conv2d_one_channel_strided_dilated",
+        lambda: nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=2),
+        _randn(1, 9, 9),
+    ),
+    LayerCase(
+        "conv1d_depthwise_multiplier_stride_unread",
+        lambda: nn.Conv1d(2, 4, 2, stride=3, groups=2),
+        _randn(2, 11),
+    ),
     LayerCase(
         "conv2d_reflect",
         lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),

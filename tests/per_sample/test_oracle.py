@@ -141,9 +141,42 @@ def test_every_conv_instantiation_matches_oracle(
     from dptorch.per_sample.rules import conv
 
     unfold, recompute = method.endswith("unfold"), method.startswith("recompute")
+    monkeypatch.setattr(conv, "_forward_conv_is_faster", lambda module, positions: False)
     monkeypatch.setattr(conv, "_unfold_is_faster", lambda module, positions: unfold)
     monkeypatch.setattr(conv, "_recompute_saves_memory", lambda module, x, grad: recompute)
     test_applied_gradient_matches_oracle(case, "active", "sum", "instantiate")
+
+
+def _one_input_channel_per_group(case: LayerCase) -> bool:
+    convs = [
+        m for m in case.make_model().modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    ]
+    return bool(convs) and all(m.in_channels == m.groups for m in convs)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+@pytest.mark.parametrize(
+    "case", [c for c in CONV_CASES if _one_input_channel_per_group(c)], ids=str
+)
+def test_forward_conv_instantiation_matches_oracle(
+    case: LayerCase, recompute: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers with one input channel per group may take their per-example gradients from a
+    grouped forward convolution (strides and dilations swapped); exact on every such case."""
+    from dptorch.per_sample.rules import conv
+
+    calls: list[int] = []
+    forward_conv = conv.per_sample_conv_weight_grads_by_forward_conv
+
+    def counted(x: Tensor, grad: Tensor, module: nn.Module) -> Tensor:
+        calls.append(1)
+        return forward_conv(x, grad, module)
+
+    monkeypatch.setattr(conv, "_forward_conv_is_faster", lambda module, positions: True)
+    monkeypatch.setattr(conv, "per_sample_conv_weight_grads_by_forward_conv", counted)
+    monkeypatch.setattr(conv, "_recompute_saves_memory", lambda module, x, grad: recompute)
+    test_applied_gradient_matches_oracle(case, "active", "sum", "instantiate")
+    assert calls, "the forward-convolution route did not run"
 
 
 def test_conv_instantiation_choice_follows_measured_rule() -> None:
@@ -160,3 +193,14 @@ def test_conv_instantiation_choice_follows_measured_rule() -> None:
     assert _unfold_is_faster(nn.Conv2d(64, 64, 3, padding=1), 64)  # wide, few positions
     assert not _unfold_is_faster(nn.Conv2d(64, 64, 3, padding=1), 256)  # wide, more positions
     assert _unfold_is_faster(nn.Conv2d(32, 32, 3, groups=8), 1024)  # 4 channels per group
+    # Depthwise (one channel per group): the grouped kernel, never B * g one-row matmuls.
+    assert not _unfold_is_faster(nn.Conv2d(32, 32, 3, padding=1, groups=32), 256)
+
+
+def test_single_input_channel_layers_take_the_forward_convolution() -> None:
+    from dptorch.per_sample.rules.conv import _forward_conv_is_faster
+
+    assert _forward_conv_is_faster(nn.Conv2d(1, 16, 8, 2, padding=3), 196)  # the MNIST CNN's
+    assert _forward_conv_is_faster(nn.Conv1d(1, 16, 7, padding=3), 256)
+    assert not _forward_conv_is_faster(nn.Conv2d(32, 32, 3, groups=32), 256)  # depthwise
+    assert not _forward_conv_is_faster(nn.Conv2d(3, 16, 3, padding=1), 1024)
