@@ -96,6 +96,15 @@ def main() -> None:
         help="also score the last epoch with predictions averaged over the image and its "
         "mirror image (Fashion-MNIST only)",
     )
+    parser.add_argument(
+        "--head-first-epochs",
+        type=int,
+        default=0,
+        help="for this many first epochs the layers up to the model's Flatten (those a prior "
+        "initialises) get learning rate 0, so only the classifier head moves (linear "
+        "probing before fine-tuning); their noisy gradients are still released and "
+        "accounted, the learning rate only decides what is applied",
+    )
     args = parser.parse_args()
     if args.target_quantile != 0.5 and args.clipping != "adaptive":
         parser.error("--target-quantile is adaptive clipping's; add --clipping adaptive")
@@ -113,6 +122,12 @@ def main() -> None:
     validation = Subset(train_full, range(n - 5000, n))
     model = recipe.MODELS[args.model]()
     prior = recipe.apply_prior(model, args) if args.prior != "none" else None
+    flatten = next(i for i, layer in enumerate(model) if isinstance(layer, nn.Flatten))
+    encoder_params = {id(p) for p in model[: flatten + 1].parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) in encoder_params], "role": "encoder"},
+        {"params": [p for p in model.parameters() if id(p) not in encoder_params], "role": "head"},
+    ]
     collate = None
     if args.augmentations > 1:  # K views per example, averaged before clipping
         views = recipe.augmentation_views(args.dataset, args.views)
@@ -121,7 +136,7 @@ def main() -> None:
     engine = PrivacyEngine()
     if args.feature_norm == "private":  # accounted: recorded on the engine's accountant
         model = recipe.with_private_feature_norm(model, train, engine.accountant, args.norm_noise)
-    sgd = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    sgd = torch.optim.SGD([g for g in groups if g["params"]], lr=args.lr, momentum=0.9)
     clipping: str | AdaptiveClipping = args.clipping
     if args.clipping == "adaptive":  # as make_private builds it, with the target asked for
         clipping = AdaptiveClipping(
@@ -151,6 +166,12 @@ def main() -> None:
             data_loader=loader, max_physical_batch_size=1024, optimizer=optimizer
         ) as batches:
             for x, y in batches:
+                lr = args.lr
+                if args.sched == "cos":
+                    lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+                for group in optimizer.param_groups:  # the lr of the coming logical step
+                    frozen = group["role"] == "encoder" and epoch < args.head_first_epochs
+                    group["lr"] = 0.0 if frozen else lr
                 optimizer.zero_grad()
                 criterion(model(x), y).backward()
                 optimizer.step()
@@ -159,9 +180,6 @@ def main() -> None:
                 step += 1
                 for ema in emas.values():
                     ema.update()
-                if args.sched == "cos":
-                    for group in optimizer.param_groups:
-                        group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
         if (epoch + 1) % 5 == 0 or epoch + 1 == args.epochs:
             row = {"epoch": epoch + 1, "raw": recipe.accuracy(model, validation)}
             for decay, ema in emas.items():
