@@ -9,6 +9,8 @@ weighted sum ``sum_i c_i g_i`` accumulated into a buffer, by
 
 * ``grouped``: instantiated by the grouped-convolution kernel (``DenseTerm``);
 * ``unfold``: instantiated by patches and one batched matmul (``DenseTerm``);
+* ``forward conv``: instantiated by one grouped forward convolution, for layers with one
+  input channel per group only (``DenseTerm``; "-" elsewhere);
 * ``ghost``: the ghost norm and the weighted-sum contraction on unfolded patches
   (``OuterTerm``), never instantiating ``g_i``;
 * ``recomputed``: the norms from per-example gradients formed a slice of the batch at a
@@ -40,11 +42,13 @@ import conv_patches  # the benchmark models' conv layers
 import training  # machine facts, thread count
 
 from dptorch.per_sample.rules.conv import (
+    _forward_conv_is_faster,
     _ghost_is_cheaper,
     _recompute_saves_memory,
     _recomputed_weight_term,
     _unfold_is_faster,
     per_sample_conv_weight_grads,
+    per_sample_conv_weight_grads_by_forward_conv,
     per_sample_conv_weight_grads_by_unfold,
     unfold_patches,
 )
@@ -67,6 +71,11 @@ LAYERS: list[tuple[str, nn.Conv2d, tuple[int, ...]]] = [
     ("32->32 5x5 s2 on 12x12", nn.Conv2d(32, 32, 5, 2), (32, 12, 12)),
     ("resnet skip 32->64 1x1 s2 on 16x16", nn.Conv2d(32, 64, 1, 2), (32, 16, 16)),
     ("64->128 1x1 on 8x8", nn.Conv2d(64, 128, 1), (64, 8, 8)),
+    # One input channel per group: grey first layers and depthwise layers.
+    ("lenet 1->6 5x5 on 28x28", nn.Conv2d(1, 6, 5), (1, 28, 28)),
+    ("1->32 3x3 on 28x28", nn.Conv2d(1, 32, 3, padding=1), (1, 28, 28)),
+    ("depthwise 32 3x3 on 16x16", nn.Conv2d(32, 32, 3, padding=1, groups=32), (32, 16, 16)),
+    ("depthwise 64 3x3 on 8x8", nn.Conv2d(64, 64, 3, padding=1, groups=64), (64, 8, 8)),
 ]
 
 
@@ -83,9 +92,12 @@ def _routes(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor) -> dict[str, C
 
         return run
 
+    groups = conv.groups
+
     def ghost() -> None:
-        cols = unfold_patches(x, conv).reshape(batch, positions, 1, -1).transpose(1, 2)
-        rows = grad.reshape(batch, 1, conv.out_channels, positions).transpose(2, 3)
+        patches = unfold_patches(x, conv)
+        cols = patches.reshape(batch, positions, groups, -1).transpose(1, 2)
+        rows = grad.reshape(batch, groups, conv.out_channels // groups, positions).transpose(2, 3)
         term = OuterTerm(conv.weight, rows=rows, cols=cols)
         term.norm_sq("ghost")
         term.add_weighted_sum_(out, factors, alpha=1.0)
@@ -95,12 +107,17 @@ def _routes(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor) -> dict[str, C
         term.norm_sq()
         term.add_weighted_sum_(out, factors, alpha=1.0)
 
-    return {
+    routes = {
         "grouped": instantiated(lambda: per_sample_conv_weight_grads(x, grad, conv)),
         "unfold": instantiated(lambda: per_sample_conv_weight_grads_by_unfold(x, grad, conv)),
         "ghost": ghost,
         "recomputed": recomputed,
     }
+    if conv.in_channels == conv.groups:
+        routes["forward conv"] = instantiated(
+            lambda: per_sample_conv_weight_grads_by_forward_conv(x, grad, conv)
+        )
+    return routes
 
 
 def time_layer(conv: nn.Conv2d, shape: tuple[int, ...]) -> dict[str, object]:
@@ -124,13 +141,16 @@ def time_layer(conv: nn.Conv2d, shape: tuple[int, ...]) -> dict[str, object]:
     if _ghost_is_cheaper(conv, positions):
         chosen = "ghost"
     else:
-        chosen = "unfold" if _unfold_is_faster(conv, positions) else "grouped"
+        if _forward_conv_is_faster(conv, positions):
+            chosen = "forward conv"
+        else:
+            chosen = "unfold" if _unfold_is_faster(conv, positions) else "grouped"
         if _recompute_saves_memory(conv, x, grad):
             chosen += ", recomputed"
     return {
         "ms": {name: 1e3 * statistics.median(values) for name, values in samples.items()},
         "positions": positions,
-        "held_instantiated": conv.out_channels * patch,
+        "held_instantiated": conv.weight.numel(),
         "held_ghost": positions * (patch + conv.out_channels),
         "held_recomputed": (x.numel() + grad.numel()) // BATCH,
         "dptorch": chosen,
@@ -150,16 +170,17 @@ def main() -> None:
         f"median over {BLOCKS} alternating blocks of {BLOCK_CALLS} calls; "
         f"{time.perf_counter() - started:.0f} s.",
         "",
-        "| layer | P | grouped ms | unfold ms | ghost ms | recomputed ms | held / example: "
-        "instantiated, ghost, recomputed | dptorch picks |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layer | P | grouped ms | unfold ms | forward conv ms | ghost ms | recomputed ms "
+        "| held / example: instantiated, ghost, recomputed | dptorch picks |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ms = row["ms"]
         assert isinstance(ms, dict)
+        forward = f"{ms['forward conv']:.2f}" if "forward conv" in ms else "-"
         lines.append(
             f"| {row['layer']} | {row['positions']} | {ms['grouped']:.2f} | {ms['unfold']:.2f} "
-            f"| {ms['ghost']:.2f} | {ms['recomputed']:.2f} | {row['held_instantiated']}, "
+            f"| {forward} | {ms['ghost']:.2f} | {ms['recomputed']:.2f} | {row['held_instantiated']}, "
             f"{row['held_ghost']}, {row['held_recomputed']} | {row['dptorch']} |"
         )
     out = Path(__file__).resolve().parent / "results"

@@ -186,7 +186,11 @@ def _unfold_is_faster(conv: ConvNd, positions: int) -> bool:
     """Whether to instantiate by patches and a batched matmul rather than the grouped kernel.
 
     Measured on the CPU (2 threads, batch 256) by ``benchmarks/conv_routes.py`` (norms and
-    weighted sum included; 14 layer shapes; numbers from its last run, results/conv_routes.md).
+    weighted sum included; 14 layer shapes; the figures below are from its run on a Xeon at
+    commit dd41891, whose results file a later run on an AMD EPYC replaced; there the rule's
+    choice between patches and the grouped kernel was the faster one on 11 of the 13 layers
+    it decides, the two others within 20%: 32 -> 64 3x3 stride 2, 10.8 against 9.7 ms, and
+    the CNN's 16 -> 32, 4.8 against 4.0).
     The grouped kernel is slow for narrow groups (a 3 -> 16 channel 3x3 stem on 32x32: 11.1
     against 5.7 ms by patches), for 1x1 kernels, whose patches are the input itself (32 -> 64
     and 64 -> 128 on 8x8 outputs: 1.5 against 0.9 ms and 3.4 against 1.6 ms), and wherever
@@ -204,7 +208,7 @@ def _unfold_is_faster(conv: ConvNd, positions: int) -> bool:
     per_group_in = conv.in_channels // conv.groups
     if per_group_in == 1 and conv.groups > 1:
         # Depthwise: the patches' matmul is B * groups products of one row each (32
-        # channels 3x3 on 16x16: 30 ms against 1.5-2.5 grouped; 64 on 8x8: 16-18 against 0.6).
+        # channels 3x3 on 16x16: 37.5 ms against 2.4 grouped; 64 on 8x8: 16.7 against 0.8).
         return False
     kernel = math.prod(conv.kernel_size)
     narrow = per_group_in <= 4 and kernel <= 9
@@ -215,14 +219,15 @@ def _forward_conv_is_faster(conv: ConvNd, positions: int) -> bool:
     """Whether to instantiate by :func:`per_sample_conv_weight_grads_by_forward_conv`: for a
     layer reading a single input channel (a first layer on grey images or signals).
 
-    Measured on the CPU (2 threads, batch 256; norms and weighted sum included, one run, the
-    script not kept; see benchmarks/README.md): the benchmark CNN's 1 -> 16 8x8 stride-2
-    layer 1.84-1.93 ms against 2.62-2.66 grouped and 2.18-2.77 by patches; a 1 -> 16 k7
-    Conv1d on 256 samples 0.61 against 0.73-0.77 grouped and 2.48 by patches (the previous
-    choice); LeNet's 1 -> 6 5x5 1.92 against 2.76-2.96 grouped (the previous choice) and
-    1.21-1.68 by patches; 1 -> 32 3x3 2.86-3.83 against 3.35-3.40 by patches. For
-    depthwise layers (one input channel per group, many groups) the grouped kernel was as
-    fast or faster (0.59-2.5 against 0.68-3.4 ms), so they keep it.
+    Measured on the CPU (2 threads, batch 256, norms and weighted sum included) by
+    ``benchmarks/conv_routes.py`` (results/conv_routes.md, AMD EPYC): the benchmark CNN's
+    1 -> 16 8x8 stride-2 layer 2.54 ms against 3.13 grouped (the previous choice) and 3.36
+    by patches; LeNet's 1 -> 6 5x5 1.97 against 3.32 grouped (the previous choice) and 2.07;
+    1 -> 32 3x3 3.35 against 3.84 by patches (the previous choice). In an earlier ad hoc run
+    a 1 -> 16 k7 Conv1d on 256 samples took 0.61 against 0.73-0.77 grouped and 2.48 by
+    patches (the previous choice). Depthwise layers (one input channel per group, many
+    groups) keep the grouped kernel, which was faster there (32 channels 3x3 on 16x16: 2.38
+    against 2.72; 64 on 8x8: 0.79 against 0.88).
     """
     return conv.in_channels == 1 and conv.groups == 1
 
