@@ -204,3 +204,5 @@ def test_single_input_channel_layers_take_the_forward_convolution() -> None:
     assert _forward_conv_is_faster(nn.Conv1d(1, 16, 7, padding=3), 256)
     assert not _forward_conv_is_faster(nn.Conv2d(32, 32, 3, groups=32), 256)  # depthwise
     assert not _forward_conv_is_faster(nn.Conv2d(3, 16, 3, padding=1), 1024)
+    # Timed on the CPU only: elsewhere the earlier choice stands.
+    assert not _forward_conv_is_faster(nn.Conv2d(1, 16, 8, 2, padding=3, device="meta"), 196)
