@@ -225,7 +225,10 @@ def _forward_conv_is_faster(conv: ConvNd, positions: int) -> bool:
     by patches; LeNet's 1 -> 6 5x5 1.97 against 3.32 grouped (the previous choice) and 2.07;
     1 -> 32 3x3 3.35 against 3.84 by patches (the previous choice). In an earlier ad hoc run
     a 1 -> 16 k7 Conv1d on 256 samples took 0.61 against 0.73-0.77 grouped and 2.48 by
-    patches (the previous choice). Depthwise layers (one input channel per group, many
+    patches (the previous choice), and on larger inputs (ad hoc, against grouped / patches):
+    1 -> 32 3x3 on 128x128 at batch 64, 12.6 against 18.5 / 28.1 ms; 1 -> 64 7x7 stride 2 on
+    224x224 at batch 32, 25.5 against 28.4 / 52.0; 1 -> 32 k9 Conv1d on 4096 samples at
+    batch 64, 3.1 against 6.3 / 8.7. Depthwise layers (one input channel per group, many
     groups) keep the grouped kernel, which was faster there (32 channels 3x3 on 16x16: 2.38
     against 2.72; 64 on 8x8: 0.79 against 0.88). Only measured on the CPU, so only taken
     there: on an accelerator the previous choice stands until timed.
