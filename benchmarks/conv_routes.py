@@ -140,11 +140,13 @@ def time_layer(conv: nn.Conv2d, shape: tuple[int, ...]) -> dict[str, object]:
     patch = conv.in_channels * math.prod(conv.kernel_size)
     if _ghost_is_cheaper(conv, positions):
         chosen = "ghost"
-    else:
+    else:  # per_example_weight_grads' order of choices
         if _forward_conv_is_faster(conv, positions):
             chosen = "forward conv"
+        elif _unfold_is_faster(conv, positions):
+            chosen = "unfold"
         else:
-            chosen = "unfold" if _unfold_is_faster(conv, positions) else "grouped"
+            chosen = "grouped"
         if _recompute_saves_memory(conv, x, grad):
             chosen += ", recomputed"
     return {
