@@ -261,6 +261,11 @@ CASES: list[LayerCase] = [
         _randn(1, 9, 9),
     ),
     LayerCase(
+        "conv2d_one_channel_same_even_reflect",
+        lambda: nn.Conv2d(1, 2, 4, padding="same", padding_mode="reflect"),
+        _randn(1, 6, 5),
+    ),
+    LayerCase(
         "conv1d_depthwise_multiplier_stride_unread",
         lambda: nn.Conv1d(2, 4, 2, stride=3, groups=2),
         _randn(2, 11),
