@@ -105,6 +105,12 @@ def main() -> None:
         "probing before fine-tuning); their noisy gradients are still released and "
         "accounted, the learning rate only decides what is applied",
     )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="SGD weight decay (a function of the released weights only: no privacy cost)",
+    )
     args = parser.parse_args()
     if args.target_quantile != 0.5 and args.clipping != "adaptive":
         parser.error("--target-quantile is adaptive clipping's; add --clipping adaptive")
@@ -136,7 +142,12 @@ def main() -> None:
     engine = PrivacyEngine()
     if args.feature_norm == "private":  # accounted: recorded on the engine's accountant
         model = recipe.with_private_feature_norm(model, train, engine.accountant, args.norm_noise)
-    sgd = torch.optim.SGD([g for g in groups if g["params"]], lr=args.lr, momentum=0.9)
+    sgd = torch.optim.SGD(
+        [g for g in groups if g["params"]],
+        lr=args.lr,
+        momentum=0.9,
+        weight_decay=args.weight_decay,
+    )
     clipping: str | AdaptiveClipping = args.clipping
     if args.clipping == "adaptive":  # as make_private builds it, with the target asked for
         clipping = AdaptiveClipping(
