@@ -42,11 +42,10 @@ import conv_patches  # the benchmark models' conv layers
 import training  # machine facts, thread count
 
 from dptorch.per_sample.rules.conv import (
-    _forward_conv_is_faster,
     _ghost_is_cheaper,
     _recompute_saves_memory,
     _recomputed_weight_term,
-    _unfold_is_faster,
+    instantiation_for,
     per_sample_conv_weight_grads,
     per_sample_conv_weight_grads_by_forward_conv,
     per_sample_conv_weight_grads_by_unfold,
@@ -140,13 +139,8 @@ def time_layer(conv: nn.Conv2d, shape: tuple[int, ...]) -> dict[str, object]:
     patch = conv.in_channels * math.prod(conv.kernel_size)
     if _ghost_is_cheaper(conv, positions):
         chosen = "ghost"
-    else:  # per_example_weight_grads' order of choices
-        if _forward_conv_is_faster(conv, positions):
-            chosen = "forward conv"
-        elif _unfold_is_faster(conv, positions):
-            chosen = "unfold"
-        else:
-            chosen = "grouped"
+    else:
+        chosen = instantiation_for(conv, positions)
         if _recompute_saves_memory(conv, x, grad):
             chosen += ", recomputed"
     return {

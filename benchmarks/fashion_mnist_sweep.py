@@ -112,6 +112,11 @@ def main() -> None:
         help="SGD weight decay (a function of the released weights only: no privacy cost)",
     )
     args = parser.parse_args()
+    if args.head_first_epochs < 0 or args.weight_decay < 0:
+        parser.error(
+            "--head-first-epochs and --weight-decay must be at least 0 (got "
+            f"{args.head_first_epochs} and {args.weight_decay})"
+        )
     if args.target_quantile != 0.5 and args.clipping != "adaptive":
         parser.error("--target-quantile is adaptive clipping's; add --clipping adaptive")
     refusal = recipe.averaged_rule_refusal(
@@ -128,8 +133,7 @@ def main() -> None:
     validation = Subset(train_full, range(n - 5000, n))
     model = recipe.MODELS[args.model]()
     prior = recipe.apply_prior(model, args) if args.prior != "none" else None
-    flatten = next(i for i, layer in enumerate(model) if isinstance(layer, nn.Flatten))
-    encoder_params = {id(p) for p in model[: flatten + 1].parameters()}
+    encoder_params = {id(p) for p in recipe.prior_encoder(model).parameters()}
     groups = [
         {"params": [p for p in model.parameters() if id(p) in encoder_params], "role": "encoder"},
         {"params": [p for p in model.parameters() if id(p) not in encoder_params], "role": "head"},

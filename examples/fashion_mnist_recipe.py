@@ -352,6 +352,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def prior_encoder(model: nn.Module) -> nn.Sequential:
+    """The layers of a recipe model up to its ``Flatten``: the part a prior initialises."""
+    assert isinstance(model, nn.Sequential)
+    flatten = next(i for i, layer in enumerate(model) if isinstance(layer, nn.Flatten))
+    return model[: flatten + 1]
+
+
 def apply_prior(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     """Initialise the CNN's layers up to its ``Flatten`` by contrastive learning on synthetic
     dead-leaves images (``dptorch.priors``; Tang et al.'s DP-RandP, arXiv 2306.06076); the
@@ -363,9 +370,7 @@ def apply_prior(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
 
     Privacy: reads no data, so it costs nothing; every weight is then trained by DP-SGD.
     """
-    assert isinstance(model, nn.Sequential)
-    flatten = next(i for i, layer in enumerate(model) if isinstance(layer, nn.Flatten))
-    encoder = model[: flatten + 1]
+    encoder = prior_encoder(model)
     key = {"kind": args.prior, "steps": args.prior_steps, "seed": args.seed}
     key |= {"model": args.model, "dataset": args.dataset}
     saved = _load_prior(args.prior_file, key)

@@ -32,7 +32,7 @@ Patches and the folded convolution use the module's own padding (numbers, ``"sam
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -308,12 +308,22 @@ def _recompute_saves_memory(conv: ConvNd, x: Tensor, grad: Tensor) -> bool:
     return conv.weight.numel() >= per_example
 
 
+Instantiation = Literal["forward conv", "unfold", "grouped"]
+
+
+def instantiation_for(conv: ConvNd, positions: int) -> Instantiation:
+    """Which way :func:`per_example_weight_grads` instantiates this layer's gradients."""
+    if _forward_conv_is_faster(conv, positions):
+        return "forward conv"
+    return "unfold" if _unfold_is_faster(conv, positions) else "grouped"
+
+
 def per_example_weight_grads(x: Tensor, grad: Tensor, conv: ConvNd) -> Tensor:
     """``[B, *conv.weight.shape]`` by the fastest instantiation for this layer."""
-    positions = math.prod(grad.shape[2:])
-    if _forward_conv_is_faster(conv, positions):
+    way = instantiation_for(conv, math.prod(grad.shape[2:]))
+    if way == "forward conv":
         return per_sample_conv_weight_grads_by_forward_conv(x, grad, conv)
-    if _unfold_is_faster(conv, positions):
+    if way == "unfold":
         return per_sample_conv_weight_grads_by_unfold(x, grad, conv)
     return per_sample_conv_weight_grads(x, grad, conv)
 
