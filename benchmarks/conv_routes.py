@@ -42,14 +42,13 @@ import conv_patches  # the benchmark models' conv layers
 import training  # machine facts, thread count
 
 from dptorch.per_sample.rules.conv import (
-    _ghost_is_cheaper,
-    _recompute_saves_memory,
     _recomputed_weight_term,
     instantiation_for,
     per_sample_conv_weight_grads,
     per_sample_conv_weight_grads_by_forward_conv,
     per_sample_conv_weight_grads_by_unfold,
     unfold_patches,
+    weight_term_form,
 )
 from dptorch.per_sample.terms import DenseTerm, OuterTerm
 
@@ -137,12 +136,10 @@ def time_layer(conv: nn.Conv2d, shape: tuple[int, ...]) -> dict[str, object]:
                 calls.append(time.perf_counter() - start)
             samples[name].append(statistics.median(calls))
     patch = conv.in_channels * math.prod(conv.kernel_size)
-    if _ghost_is_cheaper(conv, positions):
-        chosen = "ghost"
-    else:
-        chosen = instantiation_for(conv, positions)
-        if _recompute_saves_memory(conv, x, grad):
-            chosen += ", recomputed"
+    form = weight_term_form(conv, x, grad, "auto")
+    chosen = "ghost" if form == "ghost" else instantiation_for(conv, positions)
+    if form == "recomputed":
+        chosen += ", recomputed"
     return {
         "ms": {name: 1e3 * statistics.median(values) for name, values in samples.items()},
         "positions": positions,

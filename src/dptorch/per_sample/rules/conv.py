@@ -318,6 +318,19 @@ def instantiation_for(conv: ConvNd, positions: int) -> Instantiation:
     return "unfold" if _unfold_is_faster(conv, positions) else "grouped"
 
 
+WeightTermForm = Literal["ghost", "recomputed", "instantiated"]
+
+
+def weight_term_form(conv: ConvNd, x: Tensor, out_grad: Tensor, norm_route: str) -> WeightTermForm:
+    """How :func:`conv_rule` keeps the weight's per-example gradients for ``norm_route``
+    (``"auto"``, ``"ghost"`` or ``"instantiate"``): ghost norms, norms with the sum
+    recomputed at the release, or instantiated gradients (by :func:`instantiation_for`)."""
+    positions = math.prod(out_grad.shape[2:])
+    if norm_route == "ghost" or (norm_route == "auto" and _ghost_is_cheaper(conv, positions)):
+        return "ghost"
+    return "recomputed" if _recompute_saves_memory(conv, x, out_grad) else "instantiated"
+
+
 def per_example_weight_grads(x: Tensor, grad: Tensor, conv: ConvNd) -> Tensor:
     """``[B, *conv.weight.shape]`` by the fastest instantiation for this layer."""
     way = instantiation_for(conv, math.prod(grad.shape[2:]))
@@ -378,15 +391,12 @@ def conv_rule(module: nn.Module, record: CallRecord, ctx: RuleContext) -> list[G
     grad = out_grad.reshape(batch, out_channels, positions)  # [B, C_out, P]
     terms: list[GradTerm] = []
     if ctx.wants(module.weight):
-        ghost = ctx.norm_route == "ghost" or (
-            ctx.norm_route == "auto" and _ghost_is_cheaper(module, positions)
-        )
-        if not ghost and batch > 0:
-            if _recompute_saves_memory(module, x, out_grad):
-                terms.append(_recomputed_weight_term(module, x, out_grad, ctx.rows_per_example))
-            else:
-                grads = per_example_weight_grads(x, out_grad, module)
-                terms.append(DenseTerm(module.weight, grads))
+        form = weight_term_form(module, x, out_grad, ctx.norm_route)
+        if form == "recomputed" and batch > 0:
+            terms.append(_recomputed_weight_term(module, x, out_grad, ctx.rows_per_example))
+        elif form == "instantiated" and batch > 0:
+            grads = per_example_weight_grads(x, out_grad, module)
+            terms.append(DenseTerm(module.weight, grads))
         else:
             patches = unfold_patches(x, module)  # [B, P, C_in * K]
             per_group = patches.shape[2] // groups
